@@ -1,0 +1,1 @@
+"""fips_rt.exporter: ONNX export of dense and compressed models."""

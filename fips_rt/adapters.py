@@ -1,0 +1,118 @@
+"""Model knowledge as data: one small record per family says where the MLPs are.
+
+A record names the ModuleLists that hold the blocks (Swin: one per stage; groups never cross a
+list), the MLP chain inside a block (submodules applied in order: input of the first = MLP input,
+output of the last = MLP output), and each MLP linear with its orientation:
+``"in"`` = d -> d_ff (gate/up/fc1), ``"out"`` = d_ff -> d (down/fc2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import FipsError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str
+    kind: str  # "causal-lm" | "encoder" | "vit"
+    classes: tuple[str, ...]  # model class names this record matches
+    block_lists: tuple[str, ...]  # dotted paths (may contain '*') of ModuleLists of blocks; first that exists
+    mlp_chain: tuple[str, ...]  # submodules of a block applied in order: x -> MLP output
+    linears: tuple[tuple[str, str], ...]  # (path in block, "in" | "out")
+    notes: str = ""
+
+
+LLAMA_LINEARS = (("mlp.gate_proj", "in"), ("mlp.up_proj", "in"), ("mlp.down_proj", "out"))
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("llama", "causal-lm",
+            ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"),
+            ("model.layers",), ("mlp",), LLAMA_LINEARS, "Llama, Qwen2, Mistral, SmolLM (Llama architecture)"),
+    Adapter("gemma2", "causal-lm", ("Gemma2ForCausalLM",), ("model.layers",), ("mlp",), LLAMA_LINEARS,
+            "Gemma-2: pre/post feed-forward norms sit outside the MLP and stay dense"),
+    Adapter("bert", "encoder", ("BertModel", "RobertaModel", "XLMRobertaModel"),
+            ("encoder.layer",), ("intermediate", "output.dense"),
+            (("intermediate.dense", "in"), ("output.dense", "out")), "BERT-style encoders"),
+    Adapter("vit", "vit", ("VisionTransformer", "VisionTransformerDistilled"), ("blocks",), ("mlp",),
+            (("mlp.fc1", "in"), ("mlp.fc2", "out")), "timm ViT / DeiT"),
+    Adapter("swin", "vit", ("SwinTransformer",), ("layers.*.blocks",), ("mlp",),
+            (("mlp.fc1", "in"), ("mlp.fc2", "out")), "timm Swin: groups stay within a stage"),
+)
+
+
+def supported() -> str:
+    return "; ".join(f"{a.family} ({', '.join(a.classes)})" for a in ADAPTERS)
+
+
+def adapter_for(model) -> Adapter:
+    name = type(model).__name__
+    for a in ADAPTERS:
+        if name in a.classes:
+            return a
+    raise FipsError(f"Unsupported architecture {name}. Supported: {supported()}.")
+
+
+def adapter_by_family(family: str) -> Adapter:
+    for a in ADAPTERS:
+        if a.family == family:
+            return a
+    raise FipsError(f"Unknown model family {family!r}. Supported: {supported()}.")
+
+
+def get_submodule(root, path: str):
+    mod = root
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+def set_submodule(root, path: str, new) -> None:
+    parent, _, leaf = path.rpartition(".")
+    owner = get_submodule(root, parent) if parent else root
+    if leaf.isdigit():
+        owner[int(leaf)] = new
+    else:
+        setattr(owner, leaf, new)
+
+
+def _expand(root, pattern: str) -> list[str]:
+    parts = pattern.split(".")
+    paths = [""]
+    for part in parts:
+        nxt = []
+        for p in paths:
+            try:
+                mod = get_submodule(root, p) if p else root
+            except (AttributeError, IndexError):
+                continue
+            if part == "*":
+                nxt += [f"{p}.{i}".lstrip(".") for i in range(len(mod))]
+            elif hasattr(mod, part) or (part.isdigit() and int(part) < len(mod)):
+                nxt.append(f"{p}.{part}".lstrip("."))
+        paths = nxt
+    return paths
+
+
+def block_paths(model, adapter: Adapter) -> list[list[str]]:
+    """Dotted paths of the blocks, one list per ModuleList (stage). Layer indices run across lists."""
+    for pattern in adapter.block_lists:
+        lists = _expand(model, pattern)
+        if lists:
+            return [[f"{lp}.{i}" for i in range(len(get_submodule(model, lp)))] for lp in lists]
+    raise FipsError(f"Could not find the blocks of this {adapter.family} model (looked for {adapter.block_lists}).")
+
+
+def linear_paths(model, adapter: Adapter) -> list[list[tuple[str, str]]]:
+    """Per layer (flat index over all stages): [(full path of linear, orientation), ...]."""
+    out = []
+    for stage in block_paths(model, adapter):
+        for bp in stage:
+            out.append([(f"{bp}.{lp}", o) for lp, o in adapter.linears])
+    return out
+
+
+def stage_of_layer(model, adapter: Adapter) -> list[int]:
+    return [si for si, stage in enumerate(block_paths(model, adapter)) for _ in stage]
+
+

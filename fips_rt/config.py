@@ -1,0 +1,149 @@
+"""Compression configs: frozen dataclasses validated on construction (one handler per config type)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FipsError
+
+PRUNING = ("gmp", "rigl", "nm")
+INITS = ("whitened", "svd")
+
+
+def _fraction(name: str, value: float | None) -> None:
+    if value is not None and not (0.0 < float(value) < 1.0):
+        raise FipsError(f"{name} must lie strictly between 0 and 1 (got {value}).")
+
+
+@dataclass(frozen=True)
+class FipsConfig:
+    """FiPS: groups of consecutive MLPs share a dense basis U; each linear keeps a sparse V_k.
+
+    Budget: give ``mlp_budget`` (fraction of MLP parameters kept) or ``model_budget`` (fraction of
+    whole-model parameters kept; converted to an MLP budget for the model at hand).
+    """
+
+    mlp_budget: float | None = 0.5
+    model_budget: float | None = None
+    group_size: int = 4
+    groups: tuple[tuple[int, ...], ...] | None = None  # explicit groups of layer indices
+    sparsity: float = 0.75  # final sparsity of V (fraction of zeros)
+    init: str = "whitened"  # "whitened" (activation-aware, default) or "svd" (plain, for comparison)
+    ridge: float = 1e-2  # ridge added to the normalized covariance before Cholesky
+    overcomplete_tau: float = 32.0  # r > rank: extra V rows are copies of the top rows / tau
+    pruning: str = "gmp"  # "gmp" (cubic schedule), "rigl" (drop / regrow), "nm" (N:M)
+    nm: tuple[int, int] = (2, 4)
+    initial_sparsity: float = 0.5  # V is pruned to this at init when training follows (GMP start)
+    gmp_end: float = 0.75  # fraction of the local steps at which the final sparsity is reached
+    mask_every: int = 0  # steps between mask updates; 0 = about 10 updates over the ramp
+    rigl_drop: float = 0.1  # RigL initial drop fraction, cosine-decayed
+    # local error minimization (teacher-forced, per MLP, the MLPs of a group jointly)
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_tokens: int = 512
+    # global error minimization (distillation to the dense model: KL on logits / MSE on outputs)
+    global_steps: int = 0
+    global_lr: float = 1e-4
+    global_batch: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mlp_budget is None and self.model_budget is None:
+            raise FipsError("Give a budget: mlp_budget or model_budget.")
+        if self.mlp_budget is not None and self.model_budget is not None:
+            object.__setattr__(self, "mlp_budget", None)  # model_budget wins when both are given
+        _fraction("mlp_budget", self.mlp_budget)
+        _fraction("model_budget", self.model_budget)
+        if not (0.0 <= self.sparsity < 1.0):
+            raise FipsError(f"sparsity must lie in [0, 1) (got {self.sparsity}).")
+        if self.init not in INITS:
+            raise FipsError(f"init must be one of {', '.join(INITS)} (got {self.init!r}).")
+        if self.pruning not in PRUNING:
+            raise FipsError(f"pruning must be one of {', '.join(PRUNING)} (got {self.pruning!r}).")
+        if self.pruning == "nm":
+            n, m = self.nm
+            if not (0 < n < m):
+                raise FipsError(f"nm must be N:M with 0 < N < M (got {n}:{m}).")
+            object.__setattr__(self, "sparsity", 1.0 - n / m)
+        if self.groups is None and self.group_size < 1:
+            raise FipsError(f"group_size must be >= 1 (got {self.group_size}).")
+        if self.groups is not None:
+            object.__setattr__(self, "groups", tuple(tuple(int(i) for i in g) for g in self.groups))
+        for name in ("steps", "global_steps", "batch_tokens", "global_batch", "mask_every"):
+            if getattr(self, name) < 0:
+                raise FipsError(f"{name} must be >= 0 (got {getattr(self, name)}).")
+        if not (0.0 <= self.initial_sparsity <= self.sparsity):
+            object.__setattr__(self, "initial_sparsity", min(max(self.initial_sparsity, 0.0), self.sparsity))
+
+    method = "fips"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if d.get("groups") is not None:
+            d["groups"] = tuple(tuple(g) for g in d["groups"])
+        if "nm" in d:
+            d["nm"] = tuple(d["nm"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """DeltaLLM: consecutive blocks share MLP weights; each non-anchor block adds a low-rank delta A·B."""
+
+    model_budget: float | None = 0.88
+    mlp_budget: float | None = None
+    delta_rank: int | None = None  # None: chosen from the budget
+    layout: str = "sequential"  # "sequential" | "alternating"
+    share_size: int | None = None  # blocks per sharing unit (anchor + followers); None: from budget
+    keep_first: int = 2
+    keep_last: int = 2
+    share_attention: bool = False
+    steps: int = 200
+    lr: float = 1e-3
+    batch: int = 2
+    seq_len: int = 256
+    hidden_mse: float = 0.0  # weight of the hidden-state MSE term next to KL
+    train_norms: bool = False
+    replace_start: float = 0.3  # replacement probability at step 0 (rises to 1 at replace_end)
+    replace_end: float = 0.7  # fraction of steps at which the probability reaches 1
+    seed: int = 0
+
+    method = "deltallm"
+
+    def __post_init__(self):
+        if self.mlp_budget is None and self.model_budget is None:
+            raise FipsError("Give a budget: model_budget or mlp_budget.")
+        if self.mlp_budget is not None and self.model_budget is not None:
+            object.__setattr__(self, "mlp_budget", None)
+        _fraction("model_budget", self.model_budget)
+        _fraction("mlp_budget", self.mlp_budget)
+        if self.layout not in ("sequential", "alternating"):
+            raise FipsError(f"layout must be sequential or alternating (got {self.layout!r}).")
+        if self.delta_rank is not None and self.delta_rank < 1:
+            raise FipsError(f"delta_rank must be >= 1 (got {self.delta_rank}).")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise FipsError("keep_first and keep_last must be >= 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+CONFIG_TYPES = {"fips": FipsConfig, "deltallm": DeltaConfig}
+
+
+def config_from_dict(method: str, d: dict[str, Any]):
+    if method not in CONFIG_TYPES:
+        raise FipsError(f"Unknown method {method!r}; known: {', '.join(CONFIG_TYPES)}.")
+    return CONFIG_TYPES[method].from_dict(d)

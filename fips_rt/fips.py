@@ -1,0 +1,363 @@
+"""FiPS orchestration: groups -> statistics -> shared init -> global allocation -> local (+ global) training.
+
+The math lives in budget.py, decompose.py and sparsity.py; this module wires data, hooks and loops.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, get_submodule, linear_paths, set_submodule, stage_of_layer
+from .budget import check_groups, consecutive_groups, kept_nnz, mlp_budget_from_model_budget, rank_for_budget
+from .capture import input_statistics, mlp_chain, run_chain, teacher_io
+from .config import FipsConfig
+from .decompose import diag_scale, normalized_cov, shared_svd_init, whitening_factor
+from .errors import FipsError
+from .modules import FipsLinear, SharedBasis
+from .sparsity import global_magnitude_masks, gmp_sparsity, nm_mask, rigl_drop_fraction, rigl_update
+
+
+@dataclass
+class GroupPlan:
+    index: int
+    layers: list[int]
+    linears: list[tuple[str, str]]  # (path, orientation) over all layers of the group, in order
+    d: int
+    d_ff: int
+    rank: int
+    budget_params: int  # kept parameters this group may use (U + V nnz) at its own budget
+    nnz: int = 0  # V entries kept after global allocation
+    stats: dict = field(default_factory=dict)
+
+
+def _linear_dims(model, path: str, orientation: str) -> tuple[int, int]:
+    w = get_submodule(model, path).weight
+    return (w.shape[1], w.shape[0]) if orientation == "in" else (w.shape[0], w.shape[1])
+
+
+def mlp_param_count(model, adapter: Adapter) -> int:
+    n = 0
+    for layer in linear_paths(model, adapter):
+        for path, _ in layer:
+            m = get_submodule(model, path)
+            n += m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+    return n
+
+
+def plan_groups(model, adapter: Adapter, cfg: FipsConfig) -> tuple[list[GroupPlan], float]:
+    layers = linear_paths(model, adapter)
+    n = len(layers)
+    if cfg.groups is not None:
+        groups = check_groups(cfg.groups, n)
+    else:
+        if cfg.group_size > n:
+            raise FipsError(f"group size {cfg.group_size} is larger than the model's {n} layers.")
+        stages = stage_of_layer(model, adapter)
+        groups = []
+        for s in sorted(set(stages)):
+            ids = [i for i in range(n) if stages[i] == s]
+            groups += [[ids[j] for j in g] for g in consecutive_groups(len(ids), min(cfg.group_size, len(ids)))]
+    budget = cfg.mlp_budget
+    if budget is None:
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        budget = mlp_budget_from_model_budget(cfg.model_budget, total, mlp_param_count(model, adapter))
+    plans = []
+    for gi, g in enumerate(groups):
+        lins = [pl for li in g for pl in layers[li]]
+        dims = {_linear_dims(model, p, o) for p, o in lins}
+        if len(dims) != 1:
+            raise FipsError(f"group {g} mixes MLP shapes {sorted(dims)}; groups must stay within a stage.")
+        d, d_ff = dims.pop()
+        r = rank_for_budget(budget, d, d_ff, len(lins), cfg.sparsity)
+        plans.append(GroupPlan(gi, list(g), lins, d, d_ff, r,
+                               budget_params=int(math.floor(budget * len(lins) * d * d_ff + 1e-9))))
+    return plans, budget
+
+
+def _oriented(model, path: str, orientation: str) -> torch.Tensor:
+    w = get_submodule(model, path).weight.detach().float().cpu()
+    return w.T if orientation == "in" else w  # d x d_ff
+
+
+def init_group(model, plan: GroupPlan, cfg: FipsConfig, stats: dict | None):
+    weights = [_oriented(model, p, o) for p, o in plan.linears]
+    if cfg.init == "whitened":
+        if stats is None:
+            raise FipsError("whitened init needs calibration data.")
+        cov = sum(normalized_cov(stats[li]["xtx"], stats[li]["n"]) for li in plan.layers)
+        L = whitening_factor(cov / len(plan.layers), cfg.ridge)
+        scales = []
+        for (p, o), li in zip(plan.linears, [li for li in plan.layers for _ in range(len(plan.linears) // len(plan.layers))]):
+            if o == "out":
+                h2, cnt = stats[li]["h2"][p]
+                scales.append(diag_scale(h2 / max(cnt, 1)))
+            else:
+                scales.append(None)
+        return shared_svd_init(weights, plan.rank, d_factor=L, col_scales=scales, tau=cfg.overcomplete_tau)
+    return shared_svd_init(weights, plan.rank, tau=cfg.overcomplete_tau)
+
+
+def install_group(model, plan: GroupPlan, U: torch.Tensor, Vs, masks, device) -> list[FipsLinear]:
+    basis = SharedBasis(U.to(device))
+    mods = []
+    for (path, orient), V, m in zip(plan.linears, Vs, masks):
+        old = get_submodule(model, path)
+        bias = old.bias.detach().to(device) if getattr(old, "bias", None) is not None else None
+        mod = FipsLinear(basis, V.to(device), m.to(device), orient, bias)
+        set_submodule(model, path, mod)
+        mods.append(mod)
+    return mods
+
+
+# --------------------------------------------------------------------------- local error minimization
+def train_group_local(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsLinear], col_scales, cfg: FipsConfig,
+                      X: dict, Y: dict, device, progress=False) -> dict:
+    """Teacher-forced MSE of every MLP of the group (trained jointly: they share U), GMP/RigL/N:M on V."""
+    from tqdm.auto import tqdm
+    steps = cfg.steps
+    params = [mods[0].basis.weight] + [m.V for m in mods] + [m.bias for m in mods if m.bias is not None]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1))))
+    chains = {li: mlp_chain(model, adapter, li) for li in plan.layers}
+    norms = {li: float(Y[li].pow(2).mean()) + 1e-12 for li in plan.layers}
+    n_tok = X[plan.layers[0]].shape[0]
+    total_entries = sum(m.mask.numel() for m in mods)
+    final_keep = plan.nnz
+    start_keep = min(total_entries, int(round(final_keep * (1 - cfg.initial_sparsity) / max(1 - cfg.sparsity, 1e-9))))
+    s_i, s_f = 1 - start_keep / total_entries, 1 - final_keep / total_entries
+    every = cfg.mask_every or max(1, int(cfg.gmp_end * steps) // 10)
+    gen = torch.Generator().manual_seed(cfg.seed + plan.index)
+    use_amp = device.type == "cuda"
+    losses = []
+    bar = tqdm(range(steps), desc=f"group {plan.index} layers {plan.layers[0]}-{plan.layers[-1]}", disable=not progress,
+               leave=False)
+    for step in bar:
+        idx = torch.randint(0, n_tok, (min(cfg.batch_tokens, n_tok),), generator=gen)
+        loss = 0.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            for li in plan.layers:
+                x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
+                loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        update = cfg.pruning != "nm" and (step + 1) % every == 0 and step + 1 <= cfg.gmp_end * steps + every
+        if cfg.pruning == "rigl" and update:
+            grads = [m.V.grad.detach().clone() for m in mods]
+        for m in mods:  # masked entries stay zero: no gradient, no weight decay drift
+            m.V.grad.mul_(m.mask)
+        opt.step()
+        sched.step()
+        for m in mods:
+            m.apply_mask_()
+        if update:
+            with torch.no_grad():
+                if cfg.pruning == "gmp":
+                    s = gmp_sparsity(step + 1, steps, s_i, s_f, end=cfg.gmp_end)
+                    keep = max(final_keep, int(round(total_entries * (1 - s))))
+                    scores = [(m.V.abs() * c.to(device)[None, :]) for m, c in zip(mods, col_scales)]
+                    new = global_magnitude_masks([sc.masked_fill(~m.mask, -1.0) for sc, m in zip(scores, mods)], keep)
+                    for m, nm in zip(mods, new):
+                        m.mask.copy_(nm & m.mask)
+                        m.apply_mask_()
+                else:  # rigl
+                    frac = rigl_drop_fraction(step + 1, steps, cfg.rigl_drop, cfg.gmp_end)
+                    for m, g in zip(mods, grads):
+                        m.mask.copy_(rigl_update(m.V, g, m.mask, frac))
+                        m.apply_mask_()
+        losses.append(float(loss.detach()))
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}", density=f"{sum(m.nnz for m in mods) / total_entries:.3f}")
+    finalize_masks(mods, col_scales, plan, cfg, device)
+    for p in params:
+        p.requires_grad_(False)
+    return {"loss_first": losses[0] if losses else None, "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None}
+
+
+@torch.no_grad()
+def finalize_masks(mods, col_scales, plan: GroupPlan, cfg: FipsConfig, device) -> None:
+    """Bring the group's V to exactly its allotted nnz (N:M: the N:M pattern) and make masks final."""
+    if cfg.pruning == "nm":
+        n, m_ = cfg.nm
+        for m, c in zip(mods, col_scales):
+            m.mask.copy_(nm_mask((m.V.abs() * c.to(device)[None, :]).masked_fill(~m.mask, -1.0), n, m_))
+            m.apply_mask_()
+        return
+    if sum(m.nnz for m in mods) > plan.nnz:
+        scores = [(m.V.abs() * c.to(device)[None, :]).masked_fill(~m.mask, -1.0) for m, c in zip(mods, col_scales)]
+        for m, nm in zip(mods, global_magnitude_masks(scores, plan.nnz)):
+            m.mask.copy_(nm)
+            m.apply_mask_()
+
+
+# --------------------------------------------------------------------------- global error minimization
+def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: FipsConfig, device, progress=False) -> dict:
+    """Distillation to the dense model: KL on logits (LMs) or MSE on outputs; only U, V, MLP biases train."""
+    from tqdm.auto import tqdm
+    import torch.nn.functional as F
+    from .evaluate import forward
+    mods = [m for m in model.modules() if isinstance(m, FipsLinear)]
+    params = list({id(p): p for m in mods for p in ([m.basis.weight, m.V] + ([m.bias] if m.bias is not None else []))}.values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.global_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    steps = cfg.global_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    use_amp = device.type == "cuda"
+    gen = torch.Generator().manual_seed(cfg.seed + 1000)
+    losses = []
+    bar = tqdm(range(steps), desc="global distillation", disable=not progress, leave=False)
+    for step in bar:
+        b = batches[int(torch.randint(0, len(batches), (1,), generator=gen))]
+        b = {k: v.to(device) for k, v in b.items()}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            t = forward(teacher, b, adapter.kind).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            s = forward(model, b, adapter.kind).float()
+        if adapter.kind == "causal-lm":
+            loss = F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2),
+                            log_target=True, reduction="batchmean")
+        else:
+            loss = (s - t).pow(2).mean() / (t.pow(2).mean() + 1e-12)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for m in mods:
+            m.V.grad.mul_(m.mask)
+        opt.step()
+        sched.step()
+        for m in mods:
+            m.apply_mask_()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    for p in params:
+        p.requires_grad_(False)
+    return {"loss_first": losses[0] if losses else None, "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None}
+
+
+# --------------------------------------------------------------------------- orchestration
+def _save_state(state_dir: Path, plan: GroupPlan, mods: list[FipsLinear], info: dict) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"U": mods[0].basis.weight.detach().cpu()}
+    for i, m in enumerate(mods):
+        tensors[f"V{i}"] = m.V.detach().cpu()
+        tensors[f"M{i}"] = m.mask.detach().cpu()
+        if m.bias is not None:
+            tensors[f"b{i}"] = m.bias.detach().cpu()
+    tmp = state_dir / f".group_{plan.index:03d}.tmp"
+    torch.save({"tensors": tensors, "info": info, "layers": plan.layers, "rank": plan.rank}, tmp)
+    tmp.replace(state_dir / f"group_{plan.index:03d}.pt")
+
+
+def _load_state(state_dir: Path, plan: GroupPlan):
+    f = state_dir / f"group_{plan.index:03d}.pt"
+    if not f.is_file():
+        return None
+    obj = torch.load(str(f), map_location="cpu", weights_only=True)
+    if obj["layers"] != plan.layers or obj["rank"] != plan.rank:
+        raise FipsError(f"--resume: {f} was made with other settings (layers/rank differ); use a new --state-dir.")
+    return obj
+
+
+def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[dict] | None, *, device: torch.device,
+                  progress: bool = False, state_dir: str | Path | None = None, resume: bool = False,
+                  log=print) -> dict:
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    plans, budget = plan_groups(model, adapter, cfg)
+    if cfg.init == "whitened" or cfg.steps > 0 or cfg.global_steps > 0:
+        if not calibration:
+            raise FipsError("FiPS with whitened init or training needs calibration data.")
+    state = Path(state_dir) if state_dir else None
+    if state is not None:
+        state.mkdir(parents=True, exist_ok=True)
+        meta = {"config": cfg.to_dict(), "groups": [p.layers for p in plans], "ranks": [p.rank for p in plans]}
+        meta_file = state / "plan.json"
+        if resume and meta_file.is_file():
+            old = json.loads(meta_file.read_text())
+            if old != json.loads(json.dumps(meta)):
+                raise FipsError(f"--resume: {state} holds a run with other settings; use a new --state-dir.")
+        elif not resume:
+            for f in state.glob("group_*.pt"):
+                f.unlink()
+        meta_file.write_text(json.dumps(meta))
+    teacher = None  # a dense copy: teacher-forced inputs for every group, and the distillation target
+    if cfg.steps > 0 or cfg.global_steps > 0:
+        import copy
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    layers = linear_paths(model, adapter)
+    stats = input_statistics(model, adapter, layers, calibration, progress) if cfg.init == "whitened" else None
+    # shared init of every group, then one global magnitude threshold allots V entries across groups
+    inits = []
+    for plan in plans:
+        inits.append(init_group(model, plan, cfg, stats))
+    total_keep = sum(kept_nnz(p.rank, len(p.linears) * p.d_ff, cfg.sparsity) for p in plans)
+    flat_scores = [s for ini in inits for s in ini.scores]
+    if cfg.pruning == "nm":
+        for plan in plans:
+            plan.nnz = kept_nnz(plan.rank, len(plan.linears) * plan.d_ff, cfg.sparsity)
+        masks_final = None
+    else:
+        masks_final = global_magnitude_masks(flat_scores, total_keep)
+        k = 0
+        for plan, ini in zip(plans, inits):
+            plan.nnz = int(sum(int(m.sum()) for m in masks_final[k:k + len(ini.V)]))
+            k += len(ini.V)
+    group_info = []
+    k = 0
+    for plan, ini in zip(plans, inits):
+        n_lin = len(ini.V)
+        saved = _load_state(state, plan) if (state is not None and resume) else None
+        if saved is not None:
+            t = saved["tensors"]
+            mods = install_group(model, plan, t["U"], [t[f"V{i}"] for i in range(n_lin)],
+                                 [t[f"M{i}"] for i in range(n_lin)], device)
+            for i, m in enumerate(mods):
+                if f"b{i}" in t:
+                    m.bias.data.copy_(t[f"b{i}"])
+            info = dict(saved["info"], resumed=True)
+            log(f"group {plan.index}: resumed from {state}")
+        else:
+            if cfg.steps > 0 and cfg.pruning != "nm":
+                total = sum(s.numel() for s in ini.scores)
+                start_keep = min(total, int(round(plan.nnz * (1 - cfg.initial_sparsity) / max(1 - cfg.sparsity, 1e-9))))
+                masks = global_magnitude_masks(ini.scores, start_keep)
+            elif cfg.pruning == "nm":
+                masks = [nm_mask(s, *cfg.nm) for s in ini.scores]
+            else:
+                masks = masks_final[k:k + n_lin]
+            mods = install_group(model, plan, ini.U, ini.V, masks, device)
+            info = {}
+            if cfg.steps > 0:
+                X, Y = teacher_io(teacher, adapter, plan.layers, calibration, progress)
+                info = train_group_local(model, adapter, plan, mods, ini.col_scale, cfg, X, Y, device, progress)
+                del X, Y
+            if state is not None:
+                _save_state(state, plan, mods, info)
+        k += n_lin
+        info.update(layers=plan.layers, rank=plan.rank, nnz=sum(m.nnz for m in mods),
+                    density=sum(m.nnz for m in mods) / sum(m.mask.numel() for m in mods))
+        group_info.append(info)
+        if progress and cfg.steps > 0:
+            log(f"group {plan.index} (layers {plan.layers[0]}-{plan.layers[-1]}, rank {plan.rank}): "
+                f"loss {info.get('loss_first') or 0:.4f} -> {info.get('loss_last') or 0:.4f}")
+    global_info = {}
+    if cfg.global_steps > 0:
+        global_info = train_global(model, teacher, adapter, calibration, cfg, device, progress)
+        del teacher
+    model.eval()
+    return {"method": "fips", "mlp_budget": budget, "groups": group_info, "global": global_info,
+            "seconds": time.time() - t0, "device": str(device)}

