@@ -95,41 +95,78 @@ class FipsConfig:
 
 @dataclass(frozen=True)
 class DeltaConfig:
-    """DeltaLLM: consecutive blocks share MLP weights; each non-anchor block adds a low-rank delta A·B."""
+    """DeltaLLM: consecutive blocks share MLP weights; each non-anchor block adds a low-rank delta A·B.
+
+    Budget: ``model_budget`` (fraction of whole-model parameters kept) or ``mlp_budget`` (fraction of
+    MLP parameters kept). Without ``delta_rank``/``share_size`` the solver picks the share size and the
+    rank that meet the budget (within ``budget_tol``) with the smallest activation-weighted
+    reconstruction error of the shared weights (docs/deltallm.md). Field names match the CLI flags
+    (``--delta-rank``, ``--layout``, ``--keep-first``, ``--keep-last``, ``--steps`` ...).
+    """
 
     model_budget: float | None = 0.88
     mlp_budget: float | None = None
     delta_rank: int | None = None  # None: chosen from the budget
-    layout: str = "sequential"  # "sequential" | "alternating"
-    share_size: int | None = None  # blocks per sharing unit (anchor + followers); None: from budget
+    layout: str = "sequential"  # "sequential" (anchor first in its unit) | "alternating" (anchor in the middle)
+    share_size: int | None = None  # blocks per sharing unit (anchor + followers); None: from the budget
+    max_share_size: int = 8  # largest unit the solver tries
     keep_first: int = 2
     keep_last: int = 2
-    share_attention: bool = False
+    share_attention: bool = False  # also share q/k/v/o (every other linear of the block)
+    init: str = "weighted"  # "weighted" (activation-weighted truncated SVD of the delta) | "svd" (plain)
+    ridge: float = 1e-2  # ridge on the normalized input covariance before Cholesky
+    budget_tol: float = 0.005  # params / params_dense must lie in [budget - tol, budget]
+    # distillation with progressive module replacement
     steps: int = 200
     lr: float = 1e-3
-    batch: int = 2
-    seq_len: int = 256
+    warmup: int = 10
+    batch: int = 2  # calibration rows (sequences) per training step
     hidden_mse: float = 0.0  # weight of the hidden-state MSE term next to KL
     train_norms: bool = False
-    replace_start: float = 0.3  # replacement probability at step 0 (rises to 1 at replace_end)
-    replace_end: float = 0.7  # fraction of steps at which the probability reaches 1
+    replace_start: float = 0.3  # replacement probability at step 0 (rises linearly ...)
+    replace_end: float = 0.7  # ... to 1 at this fraction of the steps
+    save_every: int = 50  # steps between checkpoints of the trainable tensors (with state_dir)
     seed: int = 0
 
     method = "deltallm"
 
     def __post_init__(self):
         if self.mlp_budget is None and self.model_budget is None:
-            raise FipsError("Give a budget: model_budget or mlp_budget.")
+            if self.delta_rank is None or self.share_size is None:
+                raise FipsError("Give a budget (model_budget or mlp_budget), or both delta_rank and share_size.")
         if self.mlp_budget is not None and self.model_budget is not None:
-            object.__setattr__(self, "mlp_budget", None)
+            object.__setattr__(self, "mlp_budget", None)  # model_budget wins when both are given
         _fraction("model_budget", self.model_budget)
         _fraction("mlp_budget", self.mlp_budget)
         if self.layout not in ("sequential", "alternating"):
             raise FipsError(f"layout must be sequential or alternating (got {self.layout!r}).")
+        if self.init not in ("weighted", "svd"):
+            raise FipsError(f"init must be weighted or svd (got {self.init!r}).")
         if self.delta_rank is not None and self.delta_rank < 1:
             raise FipsError(f"delta_rank must be >= 1 (got {self.delta_rank}).")
+        if self.share_size is not None and self.share_size < 2:
+            raise FipsError(f"share_size must be >= 2 (got {self.share_size}).")
+        if self.max_share_size < 2:
+            raise FipsError(f"max_share_size must be >= 2 (got {self.max_share_size}).")
         if self.keep_first < 0 or self.keep_last < 0:
             raise FipsError("keep_first and keep_last must be >= 0.")
+        for name in ("steps", "warmup", "save_every"):
+            if getattr(self, name) < 0:
+                raise FipsError(f"{name} must be >= 0 (got {getattr(self, name)}).")
+        if self.batch < 1:
+            raise FipsError(f"batch must be >= 1 (got {self.batch}).")
+        if self.lr <= 0:
+            raise FipsError(f"lr must be > 0 (got {self.lr}).")
+        if self.hidden_mse < 0:
+            raise FipsError(f"hidden_mse must be >= 0 (got {self.hidden_mse}).")
+        if not (0.0 <= self.replace_start <= 1.0):
+            raise FipsError(f"replace_start must lie in [0, 1] (got {self.replace_start}).")
+        if not (0.0 <= self.replace_end <= 1.0):
+            raise FipsError(f"replace_end must lie in [0, 1] (got {self.replace_end}).")
+        if not (0.0 <= self.budget_tol < 0.5):
+            raise FipsError(f"budget_tol must lie in [0, 0.5) (got {self.budget_tol}).")
+        if self.ridge < 0:
+            raise FipsError(f"ridge must be >= 0 (got {self.ridge}).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

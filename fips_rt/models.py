@@ -75,7 +75,20 @@ def _tokenizer_files(tokenizer) -> dict[str, bytes]:
 
 def _finish(model, tokenizer, source: dict, name: str) -> LoadedModel:
     import torch
-    model = model.float().eval()
+    # GGUF weights arrive dequantized to fp32, but transformers still marks the model as quantized;
+    # drop that mark so the model behaves as the plain fp32 module it is.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()
+    model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     torch.set_grad_enabled(True)

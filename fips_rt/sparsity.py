@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -25,16 +26,28 @@ def gmp_sparsity(step: int, total_steps: int, s_init: float, s_final: float,
 
 
 def global_magnitude_masks(scores: Sequence[torch.Tensor], keep: int) -> list[torch.Tensor]:
-    """One threshold over all tensors: keep exactly ``keep`` largest scores in total (ties broken by order)."""
+    """One threshold over all tensors: keep exactly ``keep`` largest scores in total.
+
+    Linear-time selection (no full sort; fine for 10^8 entries); ties at the threshold are kept in
+    flat order until the count is exact."""
     sizes = [s.numel() for s in scores]
     total = sum(sizes)
     keep = max(0, min(int(keep), total))
-    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
-    mask = torch.zeros(total, dtype=torch.bool, device=flat.device)
-    if keep > 0:
-        idx = torch.topk(flat, keep, sorted=False).indices
-        mask[idx] = True
-    return [m.view_as(s) for m, s in zip(torch.split(mask, sizes), scores)]
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores])
+    if keep == 0:
+        mask = torch.zeros(total, dtype=torch.bool)
+    elif keep == total:
+        mask = torch.ones(total, dtype=torch.bool)
+    else:
+        arr = flat.numpy()
+        thr = float(np.partition(arr, total - keep)[total - keep])  # the keep-th largest value
+        mask = flat > thr
+        short = keep - int(mask.sum())
+        if short > 0:
+            ties = torch.nonzero(flat == thr).reshape(-1)[:short]
+            mask[ties] = True
+    devs = [s.device for s in scores]
+    return [m.view_as(s).to(d) for m, s, d in zip(torch.split(mask, sizes), scores, devs)]
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -75,6 +75,11 @@ constexpr int64_t kTokenChunk = 64;
 // Up to this many tokens, transB = 0 uses the row-walk kernel (Y rows kept in L1).
 constexpr int64_t kSmallT = 2;
 
+// Row slices for transB = 0 with few tokens: one per thread, at least 64 rows each.
+int64_t nn_row_splits(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(hw_threads()), rows / 64));
+}
+
 // Rows per task for transB = 1: about 4 tasks per thread, at least 8 rows.
 int64_t nt_row_chunk(int64_t rows) {
   int64_t rc = ceil_div(rows, 4 * static_cast<int64_t>(hw_threads()));
@@ -214,23 +219,70 @@ inline void nn_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
   }
 }
 
+// Four rows at a time (full groups, rows < fast_rows): one load/store of y per group for
+// four expanded groups instead of one, y += a0*x0 + a1*x1 + a2*x2 + a3*x3 (summed in row
+// order, so the result is the same as four single-row passes up to FMA contraction).
 template <int TT, bool ALIGNED>
-void nn_small_task(const SparseMatrix& V, const float* A, float* Y, int64_t j) {
+inline void nn_row4(const uint8_t* mask, uint64_t base, uint64_t row_bits, const float* v0,
+                    const float* v1, const float* v2, const float* v3, const __m256 (*a)[4], float* Y,
+                    int64_t ldy, int64_t c0, int64_t cfull) {
+  for (int64_t c = c0; c < cfull; c += 8) {
+    const uint64_t p = base + c;
+    const unsigned m0 = group_bits<ALIGNED>(mask, 0, p);
+    const unsigned m1 = group_bits<ALIGNED>(mask, 0, p + row_bits);
+    const unsigned m2 = group_bits<ALIGNED>(mask, 0, p + 2 * row_bits);
+    const unsigned m3 = group_bits<ALIGNED>(mask, 0, p + 3 * row_bits);
+    const __m256 x0 = expand8(_mm256_loadu_ps(v0), m0);
+    const __m256 x1 = expand8(_mm256_loadu_ps(v1), m1);
+    const __m256 x2 = expand8(_mm256_loadu_ps(v2), m2);
+    const __m256 x3 = expand8(_mm256_loadu_ps(v3), m3);
+    v0 += popcnt32(m0);
+    v1 += popcnt32(m1);
+    v2 += popcnt32(m2);
+    v3 += popcnt32(m3);
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = Y + tt * ldy + c;
+      __m256 acc = _mm256_fmadd_ps(a[tt][0], x0, _mm256_loadu_ps(y));
+      acc = _mm256_fmadd_ps(a[tt][1], x1, acc);
+      acc = _mm256_fmadd_ps(a[tt][2], x2, acc);
+      acc = _mm256_fmadd_ps(a[tt][3], x3, acc);
+      _mm256_storeu_ps(y, acc);
+    }
+  }
+}
+
+// Rows [r0, r1) of V times the matching columns of A, over all columns, into P (TT rows of
+// `cols` floats, overwritten). Rows are streamed in storage order (prefetch friendly).
+template <int TT, bool ALIGNED>
+void nn_small_rows(const SparseMatrix& V, const float* A, float* P, int64_t r0, int64_t r1) {
   const MaskTables& t = *V.t;
-  const int64_t rows = t.rows, cols = t.cols, nch = t.nchunks;
-  const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols);
-  const int64_t cfull = c0 + ((c1 - c0) & ~int64_t(7));
-  const int ntail = static_cast<int>(c1 - cfull);
-  for (int tt = 0; tt < TT; ++tt) std::fill(Y + tt * cols + c0, Y + tt * cols + c1, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* v = V.values + t.row_off[r] + t.chunk_off[r * nch + j];
+  const int64_t rows = t.rows, cols = t.cols;
+  const int64_t cfull = cols & ~int64_t(7);
+  const int ntail = static_cast<int>(cols - cfull);
+  std::fill(P, P + TT * cols, 0.0f);
+  int64_t r = r0;
+  // The 4-row loop reads whole mask bytes, so it needs byte-aligned rows (cols % 8 == 0);
+  // other rows, the tail rows near the end of `values`, and odd shapes go row by row.
+  if (ALIGNED) {
+    const int64_t r4_end = std::min(r1, t.fast_rows);
+    for (; r + 4 <= r4_end; r += 4) {
+      __m256 a[TT][4];
+      for (int i = 0; i < 4; ++i)
+        for (int tt = 0; tt < TT; ++tt) a[tt][i] = _mm256_set1_ps(A[tt * rows + r + i]);
+      nn_row4<TT, ALIGNED>(V.mask, static_cast<uint64_t>(r) * cols, static_cast<uint64_t>(cols),
+                           V.values + t.row_off[r], V.values + t.row_off[r + 1], V.values + t.row_off[r + 2],
+                           V.values + t.row_off[r + 3], a, P, cols, 0, cfull);
+    }
+  }
+  for (; r < r1; ++r) {
+    const float* v = V.values + t.row_off[r];
     __m256 a[TT];
     for (int tt = 0; tt < TT; ++tt) a[tt] = _mm256_set1_ps(A[tt * rows + r]);
     const uint64_t base = static_cast<uint64_t>(r) * cols;
     if (r < t.fast_rows)
-      nn_row<TT, ALIGNED, false>(V.mask, V.mask_bytes, base, v, a, Y, cols, c0, cfull, ntail);
+      nn_row<TT, ALIGNED, false>(V.mask, V.mask_bytes, base, v, a, P, cols, 0, cfull, ntail);
     else
-      nn_row<TT, ALIGNED, true>(V.mask, V.mask_bytes, base, v, a, Y, cols, c0, cfull, ntail);
+      nn_row<TT, ALIGNED, true>(V.mask, V.mask_bytes, base, v, a, P, cols, 0, cfull, ntail);
   }
 }
 
@@ -311,12 +363,27 @@ void nn_large_task(const SparseMatrix& V, const float* A, int64_t T, float* Y, i
 
 template <bool ALIGNED>
 void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
-  const int64_t nch = V.t->nchunks;
+  const int64_t rows = V.t->rows, cols = V.t->cols, nch = V.t->nchunks;
   if (T <= kSmallT) {
-    run_tasks(runner, static_cast<size_t>(nch), [&](size_t j) {
-      if (T == 1) nn_small_task<1, ALIGNED>(V, A, Y, static_cast<int64_t>(j));
-      else nn_small_task<2, ALIGNED>(V, A, Y, static_cast<int64_t>(j));
+    // Split the rows of V (the reduction dimension) into nsplit slices, each summed into its
+    // own partial output, then add the partials in slice order: sequential streaming of
+    // values/mask, and the result does not depend on which thread ran which slice.
+    const int64_t nsplit = nn_row_splits(rows);
+    const int64_t per = ceil_div(rows, nsplit);
+    std::vector<float> partial(static_cast<size_t>((nsplit - 1) * T * cols));
+    run_tasks(runner, static_cast<size_t>(nsplit), [&](size_t i) {
+      const int64_t r0 = static_cast<int64_t>(i) * per, r1 = std::min(r0 + per, rows);
+      float* P = i == 0 ? Y : partial.data() + (i - 1) * T * cols;
+      if (T == 1) nn_small_rows<1, ALIGNED>(V, A, P, r0, r1);
+      else nn_small_rows<2, ALIGNED>(V, A, P, r0, r1);
     });
+    const int64_t n = T * cols;
+    for (int64_t i = 1; i < nsplit; ++i) {
+      const float* P = partial.data() + (i - 1) * n;
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(Y + k, _mm256_add_ps(_mm256_loadu_ps(Y + k), _mm256_loadu_ps(P + k)));
+      for (; k < n; ++k) Y[k] += P[k];
+    }
     return;
   }
   const int64_t ntok = ceil_div(T, kTokenChunk);

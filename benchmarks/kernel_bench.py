@@ -1,0 +1,285 @@
+"""Micro-benchmark: dense MLP (onnxruntime MatMul) vs FiPS MLP on the native sparse kernel.
+
+Shapes of one SmolLM2-135M FiPS MLP: d=576, r=1024, d_ff=1536, V 75% zeros (unstructured).
+
+    dense : y = (silu(x Wg) * (x Wu)) Wd                 Wg, Wu [576,1536], Wd [1536,576]
+    sparse: t = x U1 ; g = SparseMatMul(t, Vg) ; u = SparseMatMul(t, Vu)
+            s = SparseMatMul(silu(g) * u, Vd, transB=1) ; y = Gemm(s, U2, transB=1)
+            U1, U2 [576,1024] dense, Vg, Vu, Vd [1024,1536] sparse (values + bitmask)
+
+The dense weights are the products of the sparse model's (Wg = U1 Vg, ..., Wd = Vd^T U2^T), so
+both graphs compute the same function (checked). Both sessions use the same SessionOptions
+(intra_op_num_threads=2, session.disable_prepacking=1; the library is registered on it).
+
+--layers L chains L such MLPs with distinct weights (U shared by groups of --group-size
+layers, as FiPS does): with L=1 all weights stay in the CPU caches; with L=8 they do not
+(dense 85 MB), which is the regime of a whole-model decode step.
+
+Timing: dense and sparse are measured in alternating rounds (the machine may be shared),
+each round after warm-up; the median per-call time over all rounds is reported.
+
+    python benchmarks/kernel_bench.py                      # writes benchmarks/results/kernel_bench.{json,md}
+    python benchmarks/kernel_bench.py --tokens 1 --layers 1 --rounds 3 --no-write
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    from fips_rt.runtime import native
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(REPO))
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location("fips_native", REPO / "runtime" / "native.py")
+    native = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(native)
+
+D, R, DFF = 576, 1024, 1536
+SPARSITY = 0.75
+
+
+# ---------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------
+def _sparse_weight(rng, rows, cols, density):
+    mask = rng.random((rows, cols)) < density
+    dense = np.where(mask, rng.standard_normal((rows, cols)) * 0.03, 0.0).astype(np.float32)
+    return dense, np.ascontiguousarray(dense[mask]), np.packbits(mask.reshape(-1), bitorder="little")
+
+
+def make_weights(layers, group_size, seed=0):
+    rng = np.random.default_rng(seed)
+    us = {}
+    out = []
+    for layer in range(layers):
+        g = layer // group_size
+        if g not in us:
+            us[g] = tuple((rng.standard_normal((D, R)) * 0.04).astype(np.float32) for _ in range(2))
+        u1, u2 = us[g]
+        vs = [_sparse_weight(rng, R, DFF, 1.0 - SPARSITY) for _ in range(3)]
+        out.append({"group": g, "U1": u1, "U2": u2, "V": vs})
+    return out
+
+
+def _silu(nodes, x, name):
+    nodes += [helper.make_node("Sigmoid", [x], [f"{name}_sig"]), helper.make_node("Mul", [x, f"{name}_sig"], [name])]
+
+
+def dense_model(weights, tokens):
+    nodes, inits, cur = [], [], "x"
+    for i, w in enumerate(weights):
+        (vg, _, _), (vu, _, _), (vd, _, _) = w["V"]
+        wg, wu, wd = w["U1"] @ vg, w["U1"] @ vu, vd.T @ w["U2"].T
+        for name, arr in (("Wg", wg), ("Wu", wu), ("Wd", wd)):
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), f"{name}{i}"))
+        nodes += [helper.make_node("MatMul", [cur, f"Wg{i}"], [f"g{i}"]), helper.make_node("MatMul", [cur, f"Wu{i}"], [f"u{i}"])]
+        _silu(nodes, f"g{i}", f"a{i}")
+        nodes += [helper.make_node("Mul", [f"a{i}", f"u{i}"], [f"h{i}"]), helper.make_node("MatMul", [f"h{i}", f"Wd{i}"], [f"y{i}"])]
+        cur = f"y{i}"
+    return _model(nodes, inits, cur, tokens, opsets=[("", 18)])
+
+
+def sparse_model(weights, tokens):
+    nodes, inits, cur = [], [], "x"
+    inits.append(numpy_helper.from_array(np.array([-1, R], dtype=np.int64), "flat_r"))
+    seen_groups = set()
+    for i, w in enumerate(weights):
+        g = w["group"]
+        if g not in seen_groups:
+            seen_groups.add(g)
+            inits += [numpy_helper.from_array(w["U1"], f"U1_{g}"), numpy_helper.from_array(w["U2"], f"U2_{g}")]
+        for name, (_, values, packed) in zip(("Vg", "Vu", "Vd"), w["V"]):
+            inits += [numpy_helper.from_array(values, f"{name}{i}_values"), numpy_helper.from_array(packed, f"{name}{i}_mask")]
+
+        def spmm(a, v, out, trans_b):
+            return helper.make_node("SparseMatMul", [a, f"{v}{i}_values", f"{v}{i}_mask"], [out], domain="fips",
+                                    rows=R, cols=DFF, transB=trans_b)
+
+        nodes += [
+            helper.make_node("MatMul", [cur, f"U1_{g}"], [f"t{i}"]),
+            spmm(f"t{i}", "Vg", f"g{i}", 0),
+            spmm(f"t{i}", "Vu", f"u{i}", 0),
+        ]
+        _silu(nodes, f"g{i}", f"a{i}")
+        nodes += [
+            helper.make_node("Mul", [f"a{i}", f"u{i}"], [f"h{i}"]),
+            spmm(f"h{i}", "Vd", f"s{i}", 1),
+            helper.make_node("Reshape", [f"s{i}", "flat_r"], [f"s2d{i}"]),
+            helper.make_node("Gemm", [f"s2d{i}", f"U2_{g}"], [f"y2d{i}"], transB=1),
+            helper.make_node("Shape", [cur], [f"shape{i}"]),
+            helper.make_node("Reshape", [f"y2d{i}", f"shape{i}"], [f"y{i}"]),
+        ]
+        cur = f"y{i}"
+    return _model(nodes, inits, cur, tokens, opsets=[("", 18), ("fips", 1)])
+
+
+def _model(nodes, inits, out, tokens, opsets):
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, D])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, tokens, D])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def weight_bytes(weights):
+    dense = len(weights) * 3 * D * DFF * 4
+    groups = {w["group"] for w in weights}
+    sparse = len(groups) * 2 * D * R * 4 + sum(v[1].nbytes + v[2].nbytes for w in weights for v in w["V"])
+    return dense, sparse
+
+
+# ---------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------
+def time_pair(sessions, x, reps, rounds, warmup):
+    feeds = {"x": x}
+    times = {k: [] for k in sessions}
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feeds)
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def machine_info(lib_path):
+    cpu = platform.processor() or platform.machine()
+    flags = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = [fl for fl in ("avx2", "fma", "bmi2", "f16c", "avx512f") if fl in have]
+                    break
+    except OSError:
+        pass
+    isa = None
+    if lib_path is not None:
+        try:
+            fn = ctypes.CDLL(str(lib_path)).FipsSparseKernelIsa
+            fn.restype = ctypes.c_char_p
+            isa = fn().decode()
+        except (OSError, AttributeError):
+            pass
+    return {
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "logical_cpus": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "kernel_isa": isa,
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 512])
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--group-size", type=int, default=4, help="layers sharing one U1/U2 pair")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+
+    lib = native.library_path()
+    if lib is None:
+        sys.exit("native kernel library unavailable (see the warning above)")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    native.register(so, "native")
+
+    info = machine_info(lib)
+    rows = []
+    print(f"# fips.SparseMatMul kernel bench - {info['cpu']}, {info['logical_cpus']} logical CPUs, "
+          f"onnxruntime {info['onnxruntime']}, kernel {info['kernel_isa']}, threads {args.threads}\n")
+    header = "| layers | tokens | weights dense / sparse (MB) | dense ms | sparse ms | sparse/dense | max abs diff |"
+    print(header)
+    print("|---|---|---|---|---|---|---|")
+    for layers in args.layers:
+        weights = make_weights(layers, args.group_size)
+        wd, ws = weight_bytes(weights)
+        for tokens in args.tokens:
+            sessions = {
+                "dense": ort.InferenceSession(dense_model(weights, tokens), so, providers=["CPUExecutionProvider"]),
+                "sparse": ort.InferenceSession(sparse_model(weights, tokens), so, providers=["CPUExecutionProvider"]),
+            }
+            x = np.random.default_rng(tokens).standard_normal((1, tokens, D)).astype(np.float32)
+            yd = sessions["dense"].run(None, {"x": x})[0]
+            ys = sessions["sparse"].run(None, {"x": x})[0]
+            diff = float(np.abs(yd - ys).max())
+            work = layers * tokens  # scale repetitions to ~constant time per round
+            reps = max(2, min(200, int(600 / work)))
+            warmup = max(2, reps // 4)
+            ms = time_pair(sessions, x, reps, args.rounds, warmup)
+            row = {"layers": layers, "tokens": tokens, "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
+                   "ratio": ms["sparse"] / ms["dense"], "max_abs_diff": diff, "reps_per_round": reps,
+                   "rounds": args.rounds, "dense_weight_mb": wd / 1e6, "sparse_weight_mb": ws / 1e6}
+            rows.append(row)
+            print(f"| {layers} | {tokens} | {wd / 1e6:.1f} / {ws / 1e6:.1f} | {ms['dense']:.3f} | {ms['sparse']:.3f} | "
+                  f"{row['ratio']:.2f} | {diff:.1e} |", flush=True)
+    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if args.no_write:
+        return rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "shapes": {"d": D, "r": R, "d_ff": DFF, "sparsity": SPARSITY, "group_size": args.group_size},
+        "session_options": {"intra_op_num_threads": args.threads, "session.disable_prepacking": "1"},
+        "machine": info,
+        "rows": rows,
+    }
+    (args.out / "kernel_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        "# fips.SparseMatMul kernel micro-benchmark",
+        "",
+        f"{result['date']} - `python benchmarks/kernel_bench.py` - {info['cpu']}, {info['logical_cpus']} logical "
+        f"CPUs ({', '.join(info['cpu_flags'])}), onnxruntime {info['onnxruntime']}, kernel `{info['kernel_isa']}`, "
+        f"intra_op_num_threads={args.threads}, prepacking off. Load average at start / end: "
+        f"{info['loadavg_start']} / {info['loadavg_end']} (the machine may be shared; dense and sparse are "
+        "timed in alternating rounds).",
+        "",
+        f"One SmolLM2 FiPS MLP: d={D}, r={R}, d_ff={DFF}, V {int(SPARSITY * 100)}% zeros; dense = the equivalent "
+        f"dense W (3 x {D}x{DFF}); sparse = MatMul x U1 + 2 SparseMatMul + SparseMatMul(transB) + Gemm(transB). "
+        f"`layers` > 1 chains MLPs with distinct weights (U shared per {args.group_size} layers) so the weights do "
+        "not fit in the caches. Median ms per call.",
+        "",
+        header,
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(f"| {r['layers']} | {r['tokens']} | {r['dense_weight_mb']:.1f} / {r['sparse_weight_mb']:.1f} | "
+                  f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['ratio']:.2f} | {r['max_abs_diff']:.1e} |")
+    (args.out / "kernel_bench.md").write_text("\n".join(md) + "\n")
+    print(f"\nwrote {args.out / 'kernel_bench.json'} and {args.out / 'kernel_bench.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""``export(model_or_checkpoint_or_spec, output_path, ...)``: write a dense or compressed model to ONNX.
+
+Steps: resolve the input (a LoadedModel, an nn.Module, a fips-rt ``model.pt``, or a model spec),
+refuse bad outputs before any work, build the graph with the architecture's export config, audit
+it, write it atomically with its sidecars (tokenizer files, ``fips_config.json``), then check parity
+against PyTorch in onnxruntime (CPU) unless ``verify=False``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from fips_rt.errors import FipsError
+
+from .report import ExportReport
+from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE
+from .writer import data_file_name, write_export
+
+DTYPES = ("fp32", "fp16")
+MIN_OPSET = 17
+CONFIG_FILE = "fips_config.json"
+FORMAT = "fips-rt-onnx"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------- input resolution
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _resolve(model, checkpoint: str | None):
+    """-> (LoadedModel, input paths that must not be overwritten)."""
+    from fips_rt.models import LoadedModel
+    if isinstance(model, LoadedModel):
+        return model, []
+    if hasattr(model, "named_modules") and hasattr(model, "forward"):  # a bare nn.Module
+        from fips_rt.adapters import adapter_for
+        return LoadedModel(model=model.eval(), tokenizer=None, adapter=adapter_for(model), source={},
+                           name=type(model).__name__), []
+    if not isinstance(model, (str, os.PathLike)):
+        raise FipsError(f"Cannot export a {type(model).__name__}: give a model spec, a checkpoint path, "
+                        f"a LoadedModel or an nn.Module.")
+    spec = str(model)
+    p = Path(spec)
+    inputs = [p] + ([Path(checkpoint)] if checkpoint else [])
+    return (spec, p), inputs
+
+
+def _load(spec_and_path, checkpoint: str | None):
+    spec, p = spec_and_path
+    if p.suffix == ".pt" or (p.is_file() and p.suffix not in (".gguf",)):
+        if not p.is_file():
+            raise FipsError(f"Checkpoint not found: {spec}")
+        from fips_rt.checkpoint import load_checkpoint
+        return load_checkpoint(p)
+    from fips_rt.models import load_model
+    return load_model(spec, checkpoint=checkpoint)
+
+
+def _check_output(out: Path, inputs: list[Path]) -> None:
+    data = out.parent / data_file_name(out)
+    for src in inputs:
+        if _same(src, out) or _same(src, data) or src.resolve() == out.resolve():
+            raise FipsError(f"Refusing to overwrite the input {src} with the export; choose another output name.")
+        if src.is_dir() and _same(src, out.parent):
+            raise FipsError(f"Refusing to write into the input model folder {src} (its tokenizer and config files "
+                            f"would be replaced); choose another output folder.")
+    if out.is_dir():
+        raise FipsError(f"Output {out} is a folder; give a file name ending in .onnx.")
+    if out.suffix != ".onnx":
+        raise FipsError(f"The output must be an .onnx file (got {out.name}).")
+    if not out.parent.is_dir():
+        raise FipsError(f"Output folder {out.parent} does not exist.")
+
+
+# ---------------------------------------------------------------------- sidecars
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    if "special_tokens_map.json" not in files:
+        smap = {k: (str(v) if not isinstance(v, (list, dict)) else v)
+                for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
+        files["special_tokens_map.json"] = json.dumps(smap, indent=2, ensure_ascii=False).encode()
+    template = getattr(tokenizer, "chat_template", None)
+    if template and "tokenizer_config.json" in files:  # keep the template where torch-free readers look first
+        cfg = json.loads(files["tokenizer_config.json"])
+        if not cfg.get("chat_template"):
+            cfg["chat_template"] = template
+            files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False).encode()
+    return files
+
+
+def _method(model) -> str:
+    from fips_rt.modules import DeltaLinear, FipsLinear
+    kinds = {type(m) for m in model.modules()}
+    if FipsLinear in kinds:
+        return "fips"
+    if DeltaLinear in kinds:
+        return "deltallm"
+    return "dense"
+
+
+def _versions() -> dict:
+    import onnxruntime
+    out = {"fips_rt": __import__("fips_rt").__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    try:
+        import torch
+        out["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------- audit
+def audit_graph(proto: onnx.ModelProto) -> dict:
+    """What the tests and the report check: sparse nodes, bases, duplicated or transposed weights."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    consumers: Counter = Counter(name for n in proto.graph.node for name in n.input if name in inits)
+    by_hash: dict[str, list[str]] = {}
+    for t in proto.graph.initializer:
+        raw = t.raw_data
+        if raw and len(raw) >= 4096:
+            by_hash.setdefault(hashlib.sha1(raw).hexdigest(), []).append(t.name)
+    bases = sorted(n for n in inits if n.startswith("fips.basis."))
+    return {
+        "initializers": len(inits),
+        "sparse_nodes": sum(1 for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE),
+        "bases": {b: consumers[b] for b in bases},
+        "duplicate_initializers": [names for names in by_hash.values() if len(names) > 1],
+        "transposed_initializers": sorted({n.input[0] for n in proto.graph.node
+                                           if n.op_type == "Transpose" and n.input and n.input[0] in inits}),
+    }
+
+
+def _bytes_by_tag(proto: onnx.ModelProto, tags: dict[str, str]) -> dict[str, int]:
+    out: Counter = Counter()
+    for t in proto.graph.initializer:
+        out[tags.get(t.name, "other")] += len(t.raw_data) if t.raw_data else t.ByteSize()
+    return dict(out)
+
+
+# ---------------------------------------------------------------------- entry point
+def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset: int = 18,
+           last_logits_only: bool = False, verify: bool = True, external_data: bool | None = None,
+           checkpoint: str | None = None, log=None) -> ExportReport:
+    """Export a dense or compressed model to ONNX; returns an :class:`ExportReport`.
+
+    model: a ``LoadedModel``, an ``nn.Module`` of a supported family, a fips-rt ``model.pt`` (FiPS or
+        DeltaLLM: the compressed network is written), or a model spec (``smollm2-135m``, an HF folder,
+        a ``.gguf``, ``timm:NAME`` with ``checkpoint`` weights): the dense network.
+    output_path: the ``.onnx`` file; external data (``<name>.onnx.data``), tokenizer files and
+        ``fips_config.json`` are written beside it.
+    dtype: "fp32" or "fp16" (fp16 weights and compute; norms and softmax in fp32).
+    last_logits_only: causal LMs return logits for the last position only ([batch, 1, vocab]).
+    verify: run the file in onnxruntime (CPU) against PyTorch and record per-output errors.
+    external_data: True/False to force; None = only when the weights exceed the 2 GB protobuf limit.
+    """
+    say = log or (lambda *_: None)
+    t0 = time.time()
+    if dtype not in DTYPES:
+        raise FipsError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r}).")
+    max_opset = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= int(opset) <= max_opset:
+        raise FipsError(f"opset must lie between {MIN_OPSET} and {max_opset} (got {opset}).")
+    out = Path(output_path)
+    resolved, inputs = _resolve(model, checkpoint)
+    _check_output(out, inputs)
+    lm = _load(resolved, checkpoint) if isinstance(resolved, tuple) else resolved
+    from .configs import config_for
+    cfg_cls = config_for(lm)
+    config = cfg_cls(lm, dtype=dtype, opset=int(opset), last_logits_only=last_logits_only)
+    if last_logits_only and config.kind != "causal-lm":
+        raise FipsError("--last-logits-only applies to causal language models only.")
+    method = _method(lm.model)
+    say(f"building the {cfg_cls.family} graph ({method}, {dtype}, opset {opset})")
+    import torch
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as scratch, torch.no_grad():
+        proto, tags = config.build(Path(scratch))
+    t_build = time.time()
+    audit = audit_graph(proto)
+    bytes_by_tag = _bytes_by_tag(proto, tags)
+    init_bytes = sum(bytes_by_tag.values())
+    def io(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    will_external = external_data if external_data is not None else init_bytes > 1_800_000_000
+    side = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_file": out.name, "external_data": data_file_name(out) if will_external else None,
+        "kind": config.kind, "family": cfg_cls.family, "architecture": type(lm.model).__name__,
+        "model_type": getattr(getattr(lm.model, "config", None), "model_type", None),
+        "name": lm.name, "method": method, "dtype": dtype, "opset": int(opset),
+        "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
+        "sparse_op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": DOMAIN_VERSION,
+                      "nodes": audit["sparse_nodes"], "bases": len(audit["bases"])},
+        **config.config_json(),
+        "exporter": _versions(),
+    }
+    sidecars = _tokenizer_files(lm.tokenizer)
+    sidecars[CONFIG_FILE] = (json.dumps(side, indent=2, default=str) + "\n").encode()
+    say(f"writing {out}")
+    written = write_export(proto, out, external_data=will_external, sidecars=sidecars)
+    del proto
+    t_write = time.time()
+    report = ExportReport(output=out, files=written.files, kind=config.kind, family=cfg_cls.family, method=method,
+                          dtype=dtype, opset=int(opset), external_data=written.data is not None,
+                          file_bytes=written.bytes_on_disk, initializer_bytes=init_bytes, bytes_by_tag=bytes_by_tag,
+                          audit=audit)
+    if verify:
+        say("checking parity with PyTorch in onnxruntime (CPU)")
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+        report.checks = config.validate(session)
+        report.verified = True
+        del session
+    report.seconds = {"build": round(t_build - t0, 2), "write": round(t_write - t_build, 2),
+                      "verify": round(time.time() - t_write, 2)}
+    return report

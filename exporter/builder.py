@@ -1,0 +1,179 @@
+"""A thin graph builder over ``onnx.helper``: named nodes, deduplicated initializers, small constants.
+
+Initializers are registered once per *tensor identity* (data pointer, shape, strides, dtype), so a
+weight referenced by several modules (a shared basis U, a tied embedding, a DeltaLLM shared matrix)
+becomes one initializer whatever number of nodes use it. Every initializer carries a tag ("mlp",
+"embedding", ...) used for the byte accounting of the export report.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE, sparse_matmul_function
+
+DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+
+
+@dataclass
+class IOInfo:
+    name: str
+    elem_type: int
+    shape: list  # ints and axis names
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": helper.tensor_dtype_to_np_dtype(self.elem_type).name,
+                "shape": list(self.shape)}
+
+
+@dataclass
+class GraphBuilder:
+    dtype: str = "fp32"
+    opset: int = 18
+    nodes: list = field(default_factory=list)
+    inputs: list[IOInfo] = field(default_factory=list)
+    outputs: list[IOInfo] = field(default_factory=list)
+    initializers: dict[str, TensorProto] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # per-graph caches (e.g. x·U per (input, basis))
+    uses_sparse_op: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        self.np_float, self.float_type = DTYPES[self.dtype]
+        self._scope: list[str] = []
+        self._tag = "other"
+        self._counter = 0
+        self._by_identity: dict[tuple, str] = {}
+        self._consts: dict[tuple, str] = {}
+
+    # ------------------------------------------------------------------ naming / scopes
+    @contextlib.contextmanager
+    def scope(self, name: str, tag: str | None = None):
+        self._scope.append(name)
+        old = self._tag
+        if tag is not None:
+            self._tag = tag
+        try:
+            yield
+        finally:
+            self._scope.pop()
+            self._tag = old
+
+    def _fresh(self, base: str) -> str:
+        self._counter += 1
+        prefix = "/".join(self._scope)
+        return f"/{prefix}/{base}_{self._counter}" if prefix else f"/{base}_{self._counter}"
+
+    # ------------------------------------------------------------------ nodes
+    def op(self, op_type: str, inputs: Iterable[str], outputs: int | list[str] = 1, *, domain: str = "",
+           **attrs: Any) -> str | list[str]:
+        name = self._fresh(op_type)
+        outs = [f"{name}_out{i}" for i in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def sparse_matmul(self, a: str, values: str, mask: str, rows: int, cols: int, trans_b: int) -> str:
+        self.uses_sparse_op = True
+        return self.op(OP_TYPE, [a, values, mask], domain=DOMAIN, rows=int(rows), cols=int(cols), transB=int(trans_b))
+
+    # ------------------------------------------------------------------ tensors
+    def add_initializer(self, name: str, array: np.ndarray, tag: str | None = None) -> str:
+        if name in self.initializers:
+            raise ValueError(f"duplicate initializer name {name}")
+        self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.tags[name] = tag or self._tag
+        return name
+
+    def weight(self, tensor, name: str, *, dtype: str | None = None, tag: str | None = None, transform=None) -> str:
+        """A torch tensor (or numpy array) as an initializer, once per tensor identity.
+
+        ``dtype``: "fp32"/"fp16" for float tensors (default: the graph's compute dtype); other tensors
+        keep theirs. ``transform``: an optional numpy function applied once (e.g. ``1 + w``); the key
+        then includes it so a transformed and a plain use do not collide.
+        """
+        key = None
+        if hasattr(tensor, "data_ptr"):
+            key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), str(tensor.dtype), dtype,
+                   getattr(transform, "__name__", None))
+            if tensor.numel() and key in self._by_identity:
+                return self._by_identity[key]
+            array = tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
+        else:
+            array = np.asarray(tensor)
+        if transform is not None:
+            array = transform(array)
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(DTYPES[dtype or self.dtype][0], copy=False)
+        out = self.add_initializer(name, array, tag)
+        if key is not None and tensor.numel():
+            self._by_identity[key] = out
+        return out
+
+    def const(self, value, dtype=None) -> str:
+        """A small constant (shape vectors, scalars), deduplicated by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.add_initializer(f"const_{len(self._consts)}", arr, tag="const")
+        return self._consts[key]
+
+    def fconst(self, value) -> str:
+        """A float scalar in the graph's compute dtype."""
+        return self.const(np.asarray(value, dtype=self.np_float))
+
+    def i64(self, values) -> str:
+        return self.const(np.asarray(values, dtype=np.int64))
+
+    # ------------------------------------------------------------------ common patterns
+    def reduce_mean(self, x: str, axes: list[int], keepdims: int = 1) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", [x, self.i64(axes)], keepdims=keepdims)
+        return self.op("ReduceMean", [x], axes=axes, keepdims=keepdims)
+
+    def reduce_sum(self, x: str, axes: list[int], keepdims: int = 1) -> str:
+        return self.op("ReduceSum", [x, self.i64(axes)], keepdims=keepdims)  # axes input since opset 13
+
+    def cast(self, x: str, elem_type: int) -> str:
+        return self.op("Cast", [x], to=elem_type)
+
+    def to_fp32(self, x: str) -> str:
+        return x if self.float_type == TensorProto.FLOAT else self.cast(x, TensorProto.FLOAT)
+
+    def from_fp32(self, x: str) -> str:
+        return x if self.float_type == TensorProto.FLOAT else self.cast(x, self.float_type)
+
+    def gemm(self, x: str, w: str, bias: str | None = None, trans_b: int = 1) -> str:
+        """x [N, K] times an initializer in its stored layout: Gemm(transB=1) for [out, in] weights."""
+        return self.op("Gemm", [x, w] + ([bias] if bias else []), transB=trans_b)
+
+    # ------------------------------------------------------------------ graph I/O and model
+    def add_input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(IOInfo(name, elem_type, shape))
+        return name
+
+    def add_output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        self.op("Identity", [value], [name])
+        self.outputs.append(IOInfo(name, elem_type, shape))
+
+    def make_model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+        def vi(io: IOInfo):
+            return helper.make_tensor_value_info(io.name, io.elem_type, io.shape)
+
+        graph = helper.make_graph(self.nodes, graph_name, [vi(i) for i in self.inputs], [vi(o) for o in self.outputs],
+                                  list(self.initializers.values()))
+        opsets = [helper.make_opsetid("", self.opset)]
+        functions = []
+        if self.uses_sparse_op:
+            opsets.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+            functions.append(sparse_matmul_function(self.float_type, self.opset))
+        model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="fips-rt",
+                                  producer_version=__import__("fips_rt").__version__, doc_string=doc)
+        model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.15
+        return model

@@ -1,0 +1,203 @@
+"""Graph pieces shared by the hand-built graphs: linears (dense, FiPS, DeltaLLM), MLPs, norms, attention.
+
+Activations inside a block are 2-D ``[N, d]`` (N = batch x sequence), so every linear is one ``Gemm``
+(or ``MatMul``) on the weight's stored layout: no ``Transpose`` of an initializer is ever emitted
+(onnxruntime would fold it into a second, transposed copy of the weight).
+
+The FiPS MLP (gated: Llama, Qwen2, Gemma-2; ``fc1``/``fc2`` MLPs have no gate)::
+
+                      U [d, r] (one initializer per group, shared by every layer of the group)
+                        │
+      x [N, d] ──MatMul─┴──► t [N, r]           (computed once, shared by gate and up)
+                               │
+              ┌────────────────┴────────────────┐
+              ▼                                 ▼
+      fips.SparseMatMul(transB=0)       fips.SparseMatMul(transB=0)
+      (t, V_gate.values, V_gate.mask)   (t, V_up.values, V_up.mask)
+              │ [N, d_ff]                       │ [N, d_ff]
+              ▼                                 │
+            act() ──────────────► Mul ◄─────────┘
+                                   │ h [N, d_ff]
+                                   ▼
+                      fips.SparseMatMul(transB=1)  (h, V_down.values, V_down.mask)
+                                   │ [N, r]
+                                   ▼
+                      Gemm(transB=1) with U  ──► y [N, d]   (U in its stored layout)
+                                   │
+                              (+ bias: Add, BERT/ViT only)
+
+DeltaLLM linear: ``Gemm(x, W_shared, transB=1)`` (W_shared one initializer used by several layers)
+``+ Gemm(Gemm(x, B, transB=1), A, transB=1)`` (the low-rank delta as two matrix products).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import TensorProto
+
+from fips_rt.errors import FipsError
+from fips_rt.modules import DeltaLinear, FipsLinear
+
+from .builder import GraphBuilder
+
+NEG_INF_FP32 = float(np.finfo(np.float32).min)
+
+
+# ---------------------------------------------------------------------- linears
+def _basis_name(b: GraphBuilder, basis) -> str:
+    names = b.memo.setdefault("basis_names", {})
+    key = id(basis.weight)
+    if key not in names:
+        names[key] = b.weight(basis.weight, f"fips.basis.{len(names)}", tag="mlp")
+    return names[key]
+
+
+def _basis_product(b: GraphBuilder, basis, x: str) -> str:
+    """t = x · U, computed once per (input, basis)."""
+    memo = b.memo.setdefault("xU", {})
+    key = (x, id(basis.weight))
+    if key not in memo:
+        memo[key] = b.op("MatMul", [x, _basis_name(b, basis)])
+    return memo[key]
+
+
+def _bias(b: GraphBuilder, y: str, module, path: str) -> str:
+    if getattr(module, "bias", None) is None:
+        return y
+    return b.op("Add", [y, b.weight(module.bias, f"{path}.bias")])
+
+
+def fips_linear(b: GraphBuilder, m: FipsLinear, x: str, path: str) -> str:
+    values, mask = m.packed()
+    v = b.weight(values, f"{path}.values")
+    k = b.weight(mask, f"{path}.mask")
+    r, d_ff = m.V.shape
+    if m.orientation == "in":
+        y = b.sparse_matmul(_basis_product(b, m.basis, x), v, k, r, d_ff, 0)
+    else:
+        t = b.sparse_matmul(x, v, k, r, d_ff, 1)
+        y = b.gemm(t, _basis_name(b, m.basis))  # t [N, r] · U^T, U [d, r] as stored
+    return _bias(b, y, m, path)
+
+
+def delta_linear(b: GraphBuilder, m: DeltaLinear, x: str, path: str) -> str:
+    names = b.memo.setdefault("delta_shared", {})
+    if id(m.shared) not in names:
+        names[id(m.shared)] = b.weight(m.shared, f"delta.shared.{len(names)}")
+    base = b.gemm(x, names[id(m.shared)])
+    low = b.gemm(b.gemm(x, b.weight(m.B, f"{path}.B")), b.weight(m.A, f"{path}.A"))
+    return _bias(b, b.op("Add", [base, low]), m, path)
+
+
+def linear(b: GraphBuilder, module, x: str, path: str) -> str:
+    """Any supported linear on a 2-D input [N, in] -> [N, out]."""
+    import torch.nn as nn
+    if isinstance(module, FipsLinear):
+        return fips_linear(b, module, x, path)
+    if isinstance(module, DeltaLinear):
+        return delta_linear(b, module, x, path)
+    if isinstance(module, nn.Linear):
+        bias = None if module.bias is None else b.weight(module.bias, f"{path}.bias")
+        return b.gemm(x, b.weight(module.weight, f"{path}.weight"), bias)
+    raise FipsError(f"Cannot export {type(module).__name__} at {path}: expected Linear, FipsLinear or DeltaLinear.")
+
+
+# ---------------------------------------------------------------------- activations and MLPs
+def activation(b: GraphBuilder, x: str, name: str) -> str:
+    name = name.lower()
+    if name in ("silu", "swish"):
+        return b.op("Mul", [x, b.op("Sigmoid", [x])])
+    if name in ("gelu", "gelu_python"):  # exact (erf)
+        e = b.op("Erf", [b.op("Mul", [x, b.fconst(1.0 / math.sqrt(2.0))])])
+        return b.op("Mul", [b.op("Mul", [x, b.fconst(0.5)]), b.op("Add", [e, b.fconst(1.0)])])
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
+        x3 = b.op("Mul", [b.op("Mul", [x, x]), x])
+        inner = b.op("Mul", [b.op("Add", [x, b.op("Mul", [x3, b.fconst(0.044715)])]), b.fconst(math.sqrt(2.0 / math.pi))])
+        return b.op("Mul", [b.op("Mul", [x, b.fconst(0.5)]), b.op("Add", [b.op("Tanh", [inner]), b.fconst(1.0)])])
+    if name == "relu":
+        return b.op("Relu", [x])
+    raise FipsError(f"Activation {name!r} is not supported by the exporter.")
+
+
+def gated_mlp(b: GraphBuilder, mlp, x: str, path: str, act: str) -> str:
+    """down(act(gate(x)) * up(x)); gate and up share x·U when they share a basis."""
+    with b.scope(path, tag="mlp"):
+        g = linear(b, mlp.gate_proj, x, f"{path}.gate_proj")
+        u = linear(b, mlp.up_proj, x, f"{path}.up_proj")
+        h = b.op("Mul", [activation(b, g, act), u])
+        return linear(b, mlp.down_proj, h, f"{path}.down_proj")
+
+
+def fc_mlp(b: GraphBuilder, fc1, fc2, x: str, path1: str, path2: str, act: str) -> str:
+    with b.scope(path1, tag="mlp"):
+        h = activation(b, linear(b, fc1, x, path1), act)
+        return linear(b, fc2, h, path2)
+
+
+# ---------------------------------------------------------------------- norms
+def rms_norm(b: GraphBuilder, x: str, weight, eps: float, path: str, *, offset_one: bool = False) -> str:
+    """RMSNorm computed in fp32. Llama: w * norm(x).to(dtype); Gemma: (norm(x) * (1 + w)).to(dtype)."""
+    x32 = b.to_fp32(x)
+    var = b.reduce_mean(b.op("Mul", [x32, x32]), [-1])
+    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
+    y = b.op("Mul", [x32, inv])
+    if offset_one:
+        w = b.weight(weight, f"{path}.weight", dtype="fp32", transform=_one_plus)
+        return b.from_fp32(b.op("Mul", [y, w]))
+    return b.op("Mul", [b.from_fp32(y), b.weight(weight, f"{path}.weight")])
+
+
+def _one_plus(a: np.ndarray) -> np.ndarray:
+    return (np.float32(1.0) + a.astype(np.float32)).astype(np.float32)
+
+
+def layer_norm(b: GraphBuilder, x: str, module, path: str) -> str:
+    """nn.LayerNorm over the last axis, computed in fp32 (weights stored fp32)."""
+    w = b.weight(module.weight, f"{path}.weight", dtype="fp32")
+    bias = b.weight(module.bias, f"{path}.bias", dtype="fp32")
+    y = b.op("LayerNormalization", [b.to_fp32(x), w, bias], axis=-1, epsilon=float(module.eps))
+    return b.from_fp32(y)
+
+
+# ---------------------------------------------------------------------- attention
+def attention(b: GraphBuilder, q: str, k: str, v: str, allowed: str, *, n_heads: int, n_kv: int, head_dim: int,
+              scaling: float, softcap: float | None = None) -> str:
+    """Scaled dot-product attention on q [B, H, S, hd], k/v [B, KV, T, hd]; ``allowed`` bool [B, 1, S, T].
+
+    Grouped-query attention without repeating K/V: q is viewed as [B, KV, H/KV, S, hd] and MatMul
+    broadcasts over the group axis. Scores are masked and soft-maxed in fp32. Returns [B, H, S, hd].
+    """
+    rep = n_heads // n_kv
+    if rep > 1:
+        q = b.op("Reshape", [q, b.i64([0, n_kv, rep, -1, head_dim])])
+        k = b.op("Unsqueeze", [k, b.i64([2])])
+        v = b.op("Unsqueeze", [v, b.i64([2])])
+        allowed = b.op("Unsqueeze", [allowed, b.i64([2])])
+        perm = [0, 1, 2, 4, 3]
+    else:
+        perm = [0, 1, 3, 2]
+    scores = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=perm)]), b.fconst(scaling)])
+    if softcap:
+        scores = b.op("Mul", [b.op("Tanh", [b.op("Div", [scores, b.fconst(softcap)])]), b.fconst(softcap)])
+    scores = b.op("Where", [allowed, b.to_fp32(scores), b.const(np.float32(NEG_INF_FP32))])
+    probs = b.from_fp32(b.op("Softmax", [scores], axis=-1))
+    out = b.op("MatMul", [probs, v])
+    if rep > 1:
+        out = b.op("Reshape", [out, b.i64([0, n_heads, -1, head_dim])])
+    return out
+
+
+def split_heads(b: GraphBuilder, x: str, bs_shape: str, n: int, head_dim: int) -> str:
+    """[N, n*hd] -> [B, n, S, hd] given ``bs_shape`` = [B, S]."""
+    shape = b.op("Concat", [bs_shape, b.i64([n, head_dim])], axis=0)
+    return b.op("Transpose", [b.op("Reshape", [x, shape])], perm=[0, 2, 1, 3])
+
+
+def merge_heads(b: GraphBuilder, x: str, n: int, head_dim: int) -> str:
+    """[B, n, S, hd] -> [N, n*hd]."""
+    return b.op("Reshape", [b.op("Transpose", [x], perm=[0, 2, 1, 3]), b.i64([-1, n * head_dim])])
+
+
+def cast_bool(b: GraphBuilder, x: str) -> str:
+    return b.cast(x, TensorProto.BOOL)

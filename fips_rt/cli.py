@@ -1,0 +1,361 @@
+"""The ``fips`` command. Thin: it parses options and calls the library.
+
+Subcommands of the upper layers (export, bench, serve) are resolved lazily by name, so ``fips bench``
+and ``fips serve`` never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import FipsError
+
+LAZY = {
+    "export": "fips_rt.exporter.cli:export_command",
+    "bench": "fips_rt.runtime.cli:bench_command",
+    "serve": "fips_rt.runtime.cli:serve_command",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY))
+
+    def get_command(self, ctx, name):
+        if name in LAZY:
+            mod, attr = LAZY[name].split(":")
+            try:
+                return getattr(importlib.import_module(mod), attr)
+            except (ImportError, AttributeError) as e:
+                raise FipsError(f"'fips {name}' is unavailable: {e}") from None
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fips-rt")
+def cli():
+    """fips-rt: shrink transformers by cross-layer parameter sharing (FiPS, DeltaLLM), export them to
+    ONNX and run them with onnxruntime.
+
+    \b
+    Quick start (real SmolLM2-135M, CPU, ~15 min):   fips demo
+    Compress:   fips compress smollm2-135m --mlp-budget 0.5 --out model.pt
+    Evaluate:   fips eval model.pt --split test
+    Inspect:    fips info model.pt
+    Export:     fips export model.pt -o model.onnx
+    Run:        fips bench model.onnx --baseline dense.onnx ; fips serve model.onnx
+    """
+
+
+# ----------------------------------------------------------------------------- helpers
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def calibration_for(lm, data: str, tokens: int, seq_len: int, split: str = "train", images: str | None = None,
+                    batch_size: int = 4) -> list[dict]:
+    from . import data as D
+    if lm.kind == "causal-lm":
+        if lm.tokenizer is None:
+            raise FipsError("This model has no tokenizer; text calibration is impossible.")
+        return D.lm_batches(lm.tokenizer, data, split, tokens, seq_len, batch_size)
+    if lm.kind == "encoder":
+        texts = D.sentences(data, split, max(8, tokens // 64))
+        return D.encoder_batches(lm.tokenizer, texts, max_len=128)
+    size = lm.extra.get("image_size", [3, 224, 224])
+    if images is None:
+        _echo("warning: no --images folder given: random images are used (only meaningful for tests).")
+    return D.image_batches(images, size, max(8, tokens // 256))
+
+
+def evaluate_pair(dense_lm, comp_model, data: str, split: str, tokens: int, seq_len: int, progress=True) -> dict:
+    """Dense and compressed on identical windows; the ratio is always reported."""
+    from . import evaluate as E
+    batches = calibration_for(dense_lm, data, tokens, seq_len, split=split)
+    if dense_lm.kind == "causal-lm":
+        d = E.perplexity(dense_lm.model, batches, progress, "dense perplexity")
+        out = {"split": split, "windows": sum(b["input_ids"].shape[0] for b in batches), "seq_len": seq_len,
+               "tokens": d["tokens"], "ppl_dense": d["ppl"]}
+        if comp_model is not None:
+            c = E.perplexity(comp_model, batches, progress, "compressed perplexity")
+            out.update(ppl=c["ppl"], ppl_ratio=c["ppl"] / d["ppl"])
+        return out
+    if dense_lm.kind == "encoder":
+        return {"split": split, **(E.embedding_similarity(dense_lm.model, comp_model, batches) if comp_model else {})}
+    return {"split": split, **(E.logit_agreement(dense_lm.model, comp_model, batches) if comp_model else {})}
+
+
+def _is_checkpoint(spec: str) -> bool:
+    return spec.endswith(".pt") and Path(spec).exists()
+
+
+def _load_any(spec: str, checkpoint: str | None = None):
+    from .checkpoint import load_checkpoint
+    from .models import load_model
+    if _is_checkpoint(spec):
+        return load_checkpoint(spec), True
+    return load_model(spec, checkpoint), False
+
+
+def _dense_for(header: dict, dense: str | None):
+    """The dense model a checkpoint came from (recorded name, or --dense)."""
+    from .models import load_model
+    spec = dense or header.get("name")
+    try:
+        return load_model(spec)
+    except FipsError as e:
+        raise FipsError(f"Cannot load the dense model for comparison ({e}); pass --dense MODEL.") from None
+
+
+# ----------------------------------------------------------------------------- compress
+@cli.command()
+@click.argument("model")
+@click.option("--method", type=click.Choice(["fips", "deltallm"]), default="fips", show_default=True)
+@click.option("--mlp-budget", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Fraction of MLP parameters kept (default 0.5 for fips).")
+@click.option("--model-budget", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Fraction of whole-model parameters kept (alternative to --mlp-budget).")
+@click.option("--group-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="FiPS: consecutive MLPs sharing one basis (the last group takes the remainder).")
+@click.option("--groups", default=None, help="FiPS: explicit groups, e.g. '0,1,2,3;4,5'.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True,
+              help="FiPS: final fraction of zeros in V.")
+@click.option("--init", "init", type=click.Choice(["whitened", "svd"]), default="whitened", show_default=True)
+@click.option("--pruning", type=click.Choice(["gmp", "rigl", "nm"]), default="gmp", show_default=True)
+@click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --pruning nm.")
+@click.option("--calib", default="wiki", show_default=True, help="'wiki' or a .txt/.jsonl file.")
+@click.option("--images", default=None, type=click.Path(file_okay=False), help="ViTs: calibration image folder.")
+@click.option("--calib-tokens", type=click.IntRange(min=16), default=16384, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=16), default=512, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
+              help="FiPS: local steps per group; DeltaLLM: distillation steps.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--global-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="FiPS: distillation steps after local training (KL on logits / MSE on outputs).")
+@click.option("--global-lr", type=float, default=1e-4, show_default=True)
+@click.option("--delta-rank", type=click.IntRange(min=1), default=None, help="DeltaLLM: rank (default: from budget).")
+@click.option("--layout", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
+@click.option("--keep-first", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--keep-last", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate dense vs compressed on this many validation tokens at the end (0: skip).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--checkpoint", default=None, help="timm models: weights file (.safetensors or .pth).")
+@click.option("--out", "out", default="model.pt", show_default=True, help="Output checkpoint (.pt).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its state folder (OUT.state).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsity, init, pruning, nm, calib, images,
+             calib_tokens, seq_len, steps, lr, batch_tokens, global_steps, global_lr, delta_rank, layout, keep_first,
+             keep_last, eval_tokens, device, checkpoint, out, resume, seed, quiet):
+    """Compress MODEL and write a checkpoint.
+
+    MODEL: a built-in name (smollm2-135m, minilm-l6), a local Hugging Face folder, a .gguf file, or
+    timm:NAME (with --checkpoint)."""
+    from .config import DeltaConfig, FipsConfig
+    out_p = Path(out)
+    if out_p.suffix != ".pt":
+        raise FipsError(f"--out must name a .pt file (got {out}).")
+    if Path(model).exists() and out_p.resolve() == Path(model).resolve():
+        raise FipsError("--out would overwrite the input model.")
+    if calib != "wiki" and not Path(calib).is_file():
+        raise FipsError(f"Calibration file not found: {calib}")
+    if calib != "wiki":
+        from .data import read_text_file
+        read_text_file(calib)  # empty / malformed file: fail before loading the model
+    if method == "fips":
+        try:
+            n, m = (int(v) for v in nm.split(":"))
+        except ValueError:
+            raise FipsError(f"--nm must look like N:M, e.g. 2:4 (got {nm!r}).") from None
+        group_list = None
+        if groups:
+            try:
+                group_list = tuple(tuple(int(i) for i in g.split(",")) for g in groups.split(";") if g.strip())
+            except ValueError:
+                raise FipsError(f"--groups must look like '0,1,2;3,4' (got {groups!r}).") from None
+        cfg = FipsConfig(mlp_budget=mlp_budget if (mlp_budget or model_budget) else 0.5, model_budget=model_budget,
+                         group_size=group_size, groups=group_list, sparsity=sparsity, init=init, pruning=pruning,
+                         nm=(n, m), steps=steps, lr=lr, batch_tokens=batch_tokens, global_steps=global_steps,
+                         global_lr=global_lr, seed=seed)
+    else:
+        cfg = DeltaConfig(model_budget=model_budget if (mlp_budget or model_budget) else 0.88, mlp_budget=mlp_budget,
+                          delta_rank=delta_rank, layout=layout, keep_first=keep_first, keep_last=keep_last,
+                          steps=steps, lr=lr, seed=seed)
+    run_compress(model, cfg, out_p, calib=calib, images=images, calib_tokens=calib_tokens, seq_len=seq_len,
+                 eval_tokens=eval_tokens, device=device, checkpoint=checkpoint, resume=resume, progress=not quiet)
+
+
+def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, calib_tokens=16384, seq_len=512,
+                 eval_tokens=0, eval_split="validation", device="auto", checkpoint=None, resume=False,
+                 progress=True) -> dict:
+    """Load -> calibrate -> compress_ -> save -> table. Returns the summary dict."""
+    import copy
+    from .accounting import count_model
+    from .api import compress_
+    from .checkpoint import save_checkpoint
+    from .models import load_model
+    from .report import size_rows, table
+    t0 = time.time()
+    lm = load_model(model, checkpoint)
+    _echo(f"loaded {lm.name} ({lm.adapter.family}, {type(lm.model).__name__}) in {time.time() - t0:.0f} s")
+    batches = calibration_for(lm, calib, calib_tokens, seq_len, images=images)
+    dense = copy.deepcopy(lm) if eval_tokens else None
+    state_dir = out_p.with_name(out_p.name + ".state")
+    if resume and not state_dir.is_dir():
+        raise FipsError(f"--resume: no interrupted run found at {state_dir}.")
+    rep = compress_(lm, cfg, batches, device=device, progress=progress, state_dir=state_dir, resume=resume, log=_echo)
+    lm.model.cpu()
+    counts = count_model(lm.model, lm.adapter)
+    summary = {"model": lm.name, "method": cfg.method, "seconds_compress": rep.details.get("seconds"), **{
+        k: v for k, v in counts.items() if k != "groups"}}
+    if eval_tokens:
+        summary["eval"] = evaluate_pair(dense, lm.model, calib if calib != "wiki" else "wiki", eval_split, eval_tokens,
+                                        seq_len, progress)
+    report = dict(rep.to_dict(), counts=counts, calibration={"data": calib, "tokens": calib_tokens, "seq_len": seq_len},
+                  eval=summary.get("eval"))
+    save_checkpoint(out_p, lm, cfg.method, cfg.to_dict(), report)
+    if state_dir.is_dir():
+        shutil.rmtree(state_dir, ignore_errors=True)
+    summary["checkpoint"] = str(out_p)
+    summary["checkpoint_bytes"] = out_p.stat().st_size
+    rows = size_rows(counts)
+    rows.append(["checkpoint file", "", f"{out_p.stat().st_size / 2**20:.1f} MiB", ""])
+    if summary.get("eval", {}).get("ppl") is not None:
+        e = summary["eval"]
+        rows.append([f"perplexity ({e['split']}, {e['tokens']:,} tokens)", f"{e['ppl_dense']:.2f}", f"{e['ppl']:.2f}",
+                     f"{e['ppl_ratio']:.3f}"])
+    click.echo(table(rows, ["", "dense", cfg.method, "ratio"]))
+    click.echo(f"wrote {out_p} in {time.time() - t0:.0f} s")
+    return summary
+
+
+# ----------------------------------------------------------------------------- eval
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", default="wiki", show_default=True, help="'wiki' or a .txt/.jsonl file.")
+@click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=32), default=16384, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=16), default=512, show_default=True)
+@click.option("--dense", default=None, help="Dense model to compare a checkpoint with (default: the one recorded).")
+@click.option("--no-dense", is_flag=True, help="Skip the dense comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (ppl, ppl_dense, ppl_ratio, ...).")
+def eval_(model, data, split, eval_tokens, seq_len, dense, no_dense, as_json):
+    """Evaluate a model or a checkpoint: perplexity (LMs), embedding cosine (encoders), logit agreement (ViTs).
+
+    A checkpoint is compared with its dense model on the same windows."""
+    from . import evaluate as E
+    if data != "wiki":
+        from .data import read_text_file
+        read_text_file(data)
+    lm, is_ckpt = _load_any(model)
+    if is_ckpt and not no_dense:
+        base = _dense_for(lm.extra["checkpoint_header"], dense)
+        res = evaluate_pair(base, lm.model, data, split, eval_tokens, seq_len, progress=not as_json)
+    elif lm.kind == "causal-lm":
+        batches = calibration_for(lm, data, eval_tokens, seq_len, split=split)
+        r = E.perplexity(lm.model, batches, not as_json)
+        res = {"split": split, "ppl": r["ppl"], "tokens": r["tokens"], "seq_len": seq_len}
+    else:
+        raise FipsError("Encoders and ViTs are evaluated against their dense model: pass a checkpoint.")
+    res["model"] = model
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        from .report import table
+        click.echo(table([[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in res.items()], ["metric", "value"]))
+
+
+# ----------------------------------------------------------------------------- info
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (mlp_params_dense, mlp_params, params, bytes...).")
+@click.option("--groups", "show_groups", is_flag=True, help="Also list every group.")
+def info(checkpoint, as_json, show_groups):
+    """Show what a checkpoint holds: method, groups, ranks, parameters and bytes (dense vs compressed)."""
+    from .accounting import count_model
+    from .checkpoint import load_checkpoint
+    from .report import human_bytes, size_rows, table
+    lm = load_checkpoint(checkpoint)
+    h = lm.extra["checkpoint_header"]
+    counts = count_model(lm.model, lm.adapter)
+    res = {"checkpoint": checkpoint, "method": h["method"], "model": h.get("name"), "family": h.get("family"),
+           "format_version": 1, "file_bytes": Path(checkpoint).stat().st_size, "config": h["config"],
+           **{k: v for k, v in counts.items()}, "eval": (h.get("report") or {}).get("eval"),
+           "versions": h.get("versions")}
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{checkpoint}: {h['method']} checkpoint of {h.get('name')} ({h.get('family')}), "
+               f"file {human_bytes(res['file_bytes'])}")
+    click.echo(table(size_rows(counts), ["", "dense", h["method"], "ratio"]))
+    if show_groups and counts["groups"]:
+        rows = [[i, g["linears"], g["rank"], f"{g['u_params']:,}", f"{g['v_nnz']:,}", f"{g['density']:.3f}",
+                 human_bytes(g["bytes"])] for i, g in enumerate(counts["groups"])]
+        click.echo(table(rows, ["group", "linears", "rank", "U params", "V nnz", "V density", "bytes"]))
+
+
+# ----------------------------------------------------------------------------- demo
+DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.75, calib_tokens=16384, seq_len=512,
+            steps=150, lr=1e-3, eval_tokens=16384)
+
+
+@cli.command()
+@click.option("--out", "out", default="fips-demo/model.pt", show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=DEMO["steps"], show_default=True,
+              help="Local steps per group.")
+@click.option("--eval-tokens", type=click.IntRange(min=512), default=DEMO["eval_tokens"], show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def demo(out, steps, eval_tokens, device):
+    """Compress the real SmolLM2-135M (MLP budget 0.5, groups of 4, V 75% sparse) on wiki text, then compare
+    dense vs FiPS perplexity on the held-out test articles. About 15 minutes on 2 CPU cores."""
+    from .config import FipsConfig
+    cfg = FipsConfig(mlp_budget=DEMO["mlp_budget"], group_size=DEMO["group_size"], sparsity=DEMO["sparsity"],
+                     steps=steps, lr=DEMO["lr"])
+    summary = run_compress(DEMO["model"], cfg, Path(out), calib_tokens=DEMO["calib_tokens"], seq_len=DEMO["seq_len"],
+                           eval_tokens=eval_tokens, eval_split="test", device=device)
+    summary_path = Path(out).with_suffix(".json")
+    summary_path.write_text(json.dumps(summary, indent=2))
+    click.echo(f"summary: {summary_path}")
+
+
+# ----------------------------------------------------------------------------- entry points
+def _run(command, args=None) -> None:
+    try:
+        rv = command.main(args=args, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except FipsError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def main() -> None:
+    _run(cli)
+
+
+def export_main() -> None:
+    """``fips-export``: the same as ``fips export``."""
+    try:
+        cmd = LazyGroup().get_command(None, "export")
+    except FipsError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    _run(cmd)

@@ -1,0 +1,371 @@
+// onnxruntime custom-op library: domain "fips", op "SparseMatMul" (float32), CPU.
+//
+// Contract: docs/sparse-op.md. Inputs A [..., K] float, values [nnz] float, mask [nbytes]
+// uint8; attributes rows, cols, transB (default 0).
+//   transB = 0: K == rows, Y[..., cols] = A @ V
+//   transB = 1: K == cols, Y[..., rows] = A @ V^T
+// Only float32 has a kernel. float16 nodes: registering a custom op also registers an op
+// *schema* for (fips, SparseMatMul) whose type constraints are the union of the types the
+// ops of that name declare, and onnxruntime then resolves the node against that schema,
+// not against the model-local function (measured with onnxruntime 1.32):
+//   * with a float32-only declaration, a float16 node fails at load time ("Type Error:
+//     Type 'tensor(float16)' of input parameter (A) of operator (SparseMatMul) ... is
+//     invalid"); the function body is never considered;
+//   * so a second, schema-only declaration is added: the same op for float16, bound to an
+//     execution-provider name that no provider has (kSchemaOnlyEp), i.e. no float16 kernel
+//     exists anywhere. The float16 node then loads; being unclaimed, onnxruntime's
+//     InsertCastTransformer wraps it in Casts and runs this float32 kernel (the float16
+//     `values` initializer is cast once, at load, to a float32 initializer: 4 bytes per kept
+//     entry, still no dense V). The function body is still not used in a session that has
+//     this library; sessions without it (e.g. CUDA) inline the function body as before.
+// FIPS_SPARSE_NO_FP16_SCHEMA=1 (read at the first registration) leaves the float16
+// declaration out (float16 nodes then fail to load while the library is registered).
+//
+// Load it with SessionOptions.register_custom_ops_library(path) (fips_rt.runtime.native
+// builds and registers it). Work is split over onnxruntime's intra-op thread pool
+// (OrtApi::KernelContext_ParallelFor, API 17 = onnxruntime 1.17); with onnxruntime 1.16
+// the kernel runs single-threaded. No OpenMP, so allow_spinning can stay at its default.
+//
+// Build (what fips_rt.runtime.native does):
+//   c++ -O3 -march=native -shared -fPIC -std=c++17 -fvisibility=hidden
+//       fips_sparse.cc sparse_kernels.cc -o libfips_sparse.so
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "ort_api_min.h"
+#include "sparse_kernels.h"
+
+namespace {
+
+// API version requested from onnxruntime: 17 for KernelContext_ParallelFor, 16 (V2 kernel
+// entry points, constant-input query) is the minimum.
+constexpr uint32_t kMinApi = 16;
+constexpr uint32_t kParallelApi = 17;
+
+struct Error {
+  OrtErrorCode code;
+  std::string msg;
+};
+
+[[noreturn]] void fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  throw Error{code, "fips.SparseMatMul: " + msg};
+}
+
+// Throws on a non-null status (releasing it).
+void check(const OrtApi* api, OrtStatus* st) {
+  if (!st) return;
+  std::string msg = api->GetErrorMessage(st);
+  OrtErrorCode code = api->GetErrorCode(st);
+  api->ReleaseStatus(st);
+  throw Error{code, "fips.SparseMatMul: onnxruntime call failed: " + msg};
+}
+
+struct TensorInfo {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+  size_t count = 0;
+};
+
+TensorInfo tensor_info(const OrtApi* api, const OrtValue* v) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api, api->GetTensorTypeAndShape(v, &info));
+  TensorInfo out;
+  OrtStatus* st = api->GetTensorElementType(info, &out.type);
+  size_t nd = 0;
+  if (!st) st = api->GetDimensionsCount(info, &nd);
+  if (!st) {
+    out.dims.resize(nd);
+    st = api->GetDimensions(info, out.dims.data(), nd);
+  }
+  if (!st) st = api->GetTensorShapeElementCount(info, &out.count);
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  check(api, st);
+  return out;
+}
+
+template <class T>
+const T* tensor_data(const OrtApi* api, const OrtValue* v) {
+  void* p = nullptr;
+  check(api, api->GetTensorMutableData(const_cast<OrtValue*>(v), &p));
+  return static_cast<const T*>(p);
+}
+
+// Runs tasks on the session's intra-op pool when the API has ParallelFor.
+struct OrtTaskRunner final : fips::TaskRunner {
+  const OrtApi* api;
+  bool has_parallel_for;
+  OrtKernelContext* ctx;
+  OrtTaskRunner(const OrtApi* a, bool p, OrtKernelContext* c) : api(a), has_parallel_for(p), ctx(c) {}
+  void run(size_t n, void (*fn)(void*, size_t), void* arg) const override {
+    if (n > 1 && has_parallel_for) {
+      OrtStatus* st = api->KernelContext_ParallelFor(ctx, fn, n, 0, arg);
+      if (!st) return;
+      api->ReleaseStatus(st);  // not available in this build: fall through, run serially
+    }
+    for (size_t i = 0; i < n; ++i) fn(arg, i);
+  }
+};
+
+struct SparseMatMulKernel {
+  const OrtApi* api = nullptr;
+  uint32_t api_version = 0;
+  int64_t rows = 0, cols = 0, trans_b = 0;
+  // Tables of a constant (initializer) mask, built once when the kernel is created.
+  std::unique_ptr<fips::MaskTables> const_tables;
+  const uint8_t* const_mask = nullptr;
+
+  void compute(OrtKernelContext* ctx) {
+    size_t n_in = 0;
+    check(api, api->KernelContext_GetInputCount(ctx, &n_in));
+    if (n_in != 3) fail("expected 3 inputs (A, values, mask), got " + std::to_string(n_in));
+    const OrtValue *a_v = nullptr, *val_v = nullptr, *mask_v = nullptr;
+    check(api, api->KernelContext_GetInput(ctx, 0, &a_v));
+    check(api, api->KernelContext_GetInput(ctx, 1, &val_v));
+    check(api, api->KernelContext_GetInput(ctx, 2, &mask_v));
+    const TensorInfo ai = tensor_info(api, a_v), vi = tensor_info(api, val_v), mi = tensor_info(api, mask_v);
+    if (ai.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || vi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      fail("A and values must be float32");
+    if (mi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("mask must be uint8");
+    if (ai.dims.empty()) fail("A must have at least 1 dimension");
+    const int64_t K = ai.dims.back();
+    const int64_t need_k = trans_b ? cols : rows;
+    if (K != need_k)
+      fail("A has last dimension " + std::to_string(K) + " but the node (rows=" + std::to_string(rows) +
+           ", cols=" + std::to_string(cols) + ", transB=" + std::to_string(trans_b) + ") needs " +
+           std::to_string(need_k));
+    const uint64_t bits = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols);
+    if (mi.count < (bits + 7) / 8)
+      fail("mask has " + std::to_string(mi.count) + " bytes, needs " + std::to_string((bits + 7) / 8));
+
+    const uint8_t* mask = mi.count ? tensor_data<uint8_t>(api, mask_v) : nullptr;
+    // Tables: from the kernel's cache when the mask is the constant seen at creation,
+    // otherwise built for this call.
+    const fips::MaskTables* tables = nullptr;
+    fips::MaskTables local;
+    if (const_tables && mask == const_mask) {
+      tables = const_tables.get();
+    } else {
+      fips::build_tables(mask, rows, cols, trans_b == 0, &local);
+      tables = &local;
+    }
+    if (static_cast<int64_t>(vi.count) != tables->nnz)
+      fail("values has " + std::to_string(vi.count) + " entries but the mask keeps " +
+           std::to_string(tables->nnz));
+
+    std::vector<int64_t> ydims(ai.dims);
+    ydims.back() = trans_b ? rows : cols;
+    OrtValue* y_v = nullptr;
+    check(api, api->KernelContext_GetOutput(ctx, 0, ydims.data(), ydims.size(), &y_v));
+    int64_t T = 1;
+    for (size_t i = 0; i + 1 < ai.dims.size(); ++i) T *= ai.dims[i];
+    const int64_t n_out = ydims.back();
+    if (T == 0 || n_out == 0) return;  // empty output
+    float* Y = nullptr;
+    check(api, api->GetTensorMutableData(y_v, reinterpret_cast<void**>(&Y)));
+    if (tables->nnz == 0) {  // V == 0 (also covers K == 0)
+      std::memset(Y, 0, static_cast<size_t>(T * n_out) * sizeof(float));
+      return;
+    }
+    const float* A = tensor_data<float>(api, a_v);
+    fips::SparseMatrix V{tensor_data<float>(api, val_v), mask, mi.count, tables};
+    OrtTaskRunner runner(api, api_version >= kParallelApi, ctx);
+    if (trans_b) fips::spmm_nt(V, A, T, Y, runner);
+    else fips::spmm_nn(V, A, T, Y, runner);
+  }
+};
+
+OrtStatus* make_status(const OrtApi* api, const Error& e) { return api->CreateStatus(e.code, e.msg.c_str()); }
+
+int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, bool required,
+                 int64_t dflt) {
+  int64_t v = 0;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (!st) return v;
+  std::string msg = api->GetErrorMessage(st);
+  api->ReleaseStatus(st);
+  if (required) fail(std::string("missing or invalid int attribute '") + name + "': " + msg);
+  return dflt;
+}
+
+// ---- OrtCustomOp callbacks ---------------------------------------------------------------
+uint32_t g_api_version = 0;  // version of the OrtApi table the op was registered with
+
+OrtStatus* create_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  try {
+    auto k = std::make_unique<SparseMatMulKernel>();
+    k->api = api;
+    k->api_version = g_api_version;
+    k->rows = attr_int(api, info, "rows", true, 0);
+    k->cols = attr_int(api, info, "cols", true, 0);
+    k->trans_b = attr_int(api, info, "transB", false, 0);
+    if (k->rows < 0 || k->cols < 0) fail("rows and cols must be >= 0");
+    if (k->trans_b != 0 && k->trans_b != 1) fail("transB must be 0 or 1");
+    // Mask given as an initializer: build its popcount tables once, here.
+    int is_const = 0;
+    const OrtValue* mask_v = nullptr;
+    OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, 2, &is_const, &mask_v);
+    if (st) {
+      api->ReleaseStatus(st);
+    } else if (is_const && mask_v) {
+      const TensorInfo mi = tensor_info(api, mask_v);
+      const uint64_t bits = static_cast<uint64_t>(k->rows) * static_cast<uint64_t>(k->cols);
+      if (mi.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && mi.count >= (bits + 7) / 8 && mi.count > 0) {
+        k->const_mask = tensor_data<uint8_t>(api, mask_v);
+        k->const_tables = std::make_unique<fips::MaskTables>();
+        fips::build_tables(k->const_mask, k->rows, k->cols, k->trans_b == 0, k->const_tables.get());
+      }
+    }
+    *out = k.release();
+    return nullptr;
+  } catch (const Error& e) {
+    return make_status(api, e);
+  } catch (const std::bad_alloc&) {
+    return api->CreateStatus(ORT_FAIL, "fips.SparseMatMul: out of memory");
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string("fips.SparseMatMul: ") + e.what()).c_str());
+  }
+}
+
+OrtStatus* compute_v2(void* kernel, OrtKernelContext* ctx) {
+  auto* k = static_cast<SparseMatMulKernel*>(kernel);
+  try {
+    k->compute(ctx);
+    return nullptr;
+  } catch (const Error& e) {
+    return make_status(k->api, e);
+  } catch (const std::bad_alloc&) {
+    return k->api->CreateStatus(ORT_FAIL, "fips.SparseMatMul: out of memory");
+  } catch (const std::exception& e) {
+    return k->api->CreateStatus(ORT_FAIL, (std::string("fips.SparseMatMul: ") + e.what()).c_str());
+  }
+}
+
+void destroy_kernel(void* kernel) { delete static_cast<SparseMatMulKernel*>(kernel); }
+
+const char* op_name(const OrtCustomOp*) { return "SparseMatMul"; }
+const char* op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+ONNXTensorElementDataType op_input_type(const OrtCustomOp*, size_t i) {
+  return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t op_input_count(const OrtCustomOp*) { return 3; }
+ONNXTensorElementDataType op_output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+size_t op_output_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic op_required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int op_min_arity(const OrtCustomOp*) { return 1; }
+int op_homogeneous(const OrtCustomOp*) { return 1; }
+int op_start_version(const OrtCustomOp*) { return 1; }
+
+OrtCustomOp make_op(uint32_t version) {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof(op));  // fields past `version` stay null
+  op.version = version;
+  op.CreateKernel = nullptr;  // V2 entry points are used (version >= 16)
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_ep;
+  op.GetInputType = op_input_type;
+  op.GetInputTypeCount = op_input_count;
+  op.GetOutputType = op_output_type;
+  op.GetOutputTypeCount = op_output_count;
+  op.KernelCompute = nullptr;
+  op.KernelDestroy = destroy_kernel;
+  op.GetInputCharacteristic = op_required;
+  op.GetOutputCharacteristic = op_required;
+  op.GetInputMemoryType = op_input_mem;
+  op.GetVariadicInputMinArity = op_min_arity;
+  op.GetVariadicInputHomogeneity = op_homogeneous;
+  op.GetVariadicOutputMinArity = op_min_arity;
+  op.GetVariadicOutputHomogeneity = op_homogeneous;
+  op.CreateKernelV2 = create_kernel_v2;
+  op.KernelComputeV2 = compute_v2;
+  if (version >= 17) {
+    op.InferOutputShapeFn = nullptr;  // onnxruntime infers the output type from the kernel def
+    op.GetStartVersion = op_start_version;
+    op.GetEndVersion = nullptr;
+  }
+  return op;
+}
+
+// Schema-only float16 declaration (see the file comment): its "kernel" is bound to an
+// execution provider that does not exist, so it is never instantiated.
+constexpr const char* kSchemaOnlyEp = "FipsSchemaOnlyNoSuchExecutionProvider";
+const char* op16_ep(const OrtCustomOp*) { return kSchemaOnlyEp; }
+ONNXTensorElementDataType op16_input_type(const OrtCustomOp*, size_t i) {
+  return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+ONNXTensorElementDataType op16_output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+
+OrtCustomOp make_schema_only_fp16_op(uint32_t version) {
+  OrtCustomOp op = make_op(version);
+  op.GetExecutionProviderType = op16_ep;
+  op.GetInputType = op16_input_type;
+  op.GetOutputType = op16_output_type;
+  return op;
+}
+
+OrtCustomOp g_op;       // float32 kernel, CPU
+OrtCustomOp g_op_fp16;  // schema-only float16 declaration
+OrtCustomOpDomain* g_domain = nullptr;  // shared by all sessions, lives until process exit
+std::mutex g_mutex;
+
+// "1.17.3" -> 17 (onnxruntime 1.N serves C API versions 1..N); 0 if unparsable.
+uint32_t ort_minor(const char* version) {
+  if (!version) return 0;
+  unsigned major = 0, minor = 0;
+  if (std::sscanf(version, "%u.%u", &major, &minor) != 2) return 0;
+  if (major != 1) return 1000;  // a future 2.x: assume everything we use is there
+  return minor;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                                const OrtApiBase* api_base) {
+  if (!api_base || !api_base->GetApi) return nullptr;  // cannot even report an error
+  const char* ver = api_base->GetVersionString ? api_base->GetVersionString() : nullptr;
+  const uint32_t minor = ort_minor(ver);
+  uint32_t want = minor >= kParallelApi ? kParallelApi : kMinApi;
+  const OrtApi* api = minor >= kMinApi ? api_base->GetApi(want) : nullptr;
+  if (!api) {
+    // Report through the oldest table, which every onnxruntime serves.
+    const OrtApi* v1 = api_base->GetApi(1);
+    std::string msg = "fips_sparse: onnxruntime " + std::string(ver ? ver : "(unknown)") +
+                      " does not provide C API version " + std::to_string(want) +
+                      "; the fips.SparseMatMul kernel library needs onnxruntime >= 1.16";
+    if (v1) return v1->CreateStatus(ORT_FAIL, msg.c_str());
+    std::fprintf(stderr, "%s\n", msg.c_str());
+    return nullptr;
+  }
+  try {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (!g_domain) {
+      g_api_version = want;
+      g_op = make_op(want);
+      OrtCustomOpDomain* domain = nullptr;
+      check(api, api->CreateCustomOpDomain("fips", &domain));
+      check(api, api->CustomOpDomain_Add(domain, &g_op));
+      if (!std::getenv("FIPS_SPARSE_NO_FP16_SCHEMA")) {  // escape hatch, for tests/debugging
+        g_op_fp16 = make_schema_only_fp16_op(want);
+        check(api, api->CustomOpDomain_Add(domain, &g_op_fp16));
+      }
+      g_domain = domain;
+    }
+    check(api, api->AddCustomOpDomain(options, g_domain));
+    return nullptr;
+  } catch (const Error& e) {
+    return make_status(api, e);
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string("fips_sparse: ") + e.what()).c_str());
+  }
+}
+
+// Diagnostics for tests / benchmarks (ctypes): which inner loops this build uses.
+extern "C" __attribute__((visibility("default"))) const char* FipsSparseKernelIsa() { return fips::kernel_isa(); }

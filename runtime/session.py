@@ -1,0 +1,274 @@
+"""Open an exported model (a folder or an ``.onnx`` file) in onnxruntime with the options that matter.
+
+Torch-free: this module imports only the standard library, numpy and onnxruntime.
+
+Session options applied (see docs/runtime.md and the measurements in the ORT notes):
+
+- ``session.disable_prepacking = 1``: prepacking keeps a second, repacked copy of every MatMul weight
+  (it roughly doubles weight RAM for a dense model);
+- ``intra_op_num_threads``: ``threads`` or the number of CPU cores;
+- ``session.intra_op.allow_spinning = 0`` when the native ``fips.SparseMatMul`` kernel is registered
+  (spinning pool threads fight kernels that run their own worker threads), or when asked;
+- ``OMP_WAIT_POLICY=PASSIVE`` in the environment unless already set (it only takes effect when set
+  before onnxruntime/OpenMP start, so :func:`configure_environment` is called on import);
+- the CUDA execution provider when onnxruntime-gpu sees a GPU, the CPU provider otherwise. The native
+  CPU kernel is never registered in a CUDA session (it would force device copies around every layer):
+  the model's FunctionProto bodies (standard ops) run on the GPU instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def configure_environment() -> None:
+    """Set process-wide defaults that must exist before onnxruntime creates its threads."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+configure_environment()
+
+import onnxruntime as ort  # noqa: E402  (after the environment is configured)
+
+from fips_rt.errors import FipsError  # noqa: E402  (torch-free)
+
+KERNELS = ("auto", "native", "reference")
+PROVIDERS = ("auto", "cpu", "cuda")
+MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
+
+
+class FipsRuntimeError(FipsError, RuntimeError):
+    """An error of fips_rt.runtime whose message is meant for the user (the CLI prints it as one line)."""
+
+
+# ---------------------------------------------------------------------------- model files
+def resolve_model_path(path: str | os.PathLike) -> tuple[Path, Path]:
+    """Return ``(onnx_file, model_dir)`` for a model folder or an ``.onnx`` file."""
+    p = Path(path)
+    if not p.exists():
+        raise FipsRuntimeError(f"Model not found: {str(path)!r} does not exist.")
+    if p.is_file():
+        if p.suffix != ".onnx":
+            raise FipsRuntimeError(f"{p} is not an .onnx file.")
+        return p, p.parent
+    for name in MODEL_FILE_NAMES:
+        if (p / name).is_file():
+            return p / name, p
+    candidates = sorted(p.glob("*.onnx"))
+    if len(candidates) == 1:
+        return candidates[0], p
+    if not candidates:
+        raise FipsRuntimeError(f"No .onnx file in {p}.")
+    raise FipsRuntimeError(f"Several .onnx files in {p} ({', '.join(c.name for c in candidates)}); "
+                           f"pass the file itself.")
+
+
+def external_data_files(onnx_path: str | os.PathLike) -> list[Path]:
+    """Files holding the model's external initializers (empty if the weights are inline).
+
+    Uses ``onnx`` (if installed) to read the references without loading any weights; falls back to
+    the usual naming conventions (``model.onnx.data``, ``model.onnx_data``, ``model.data``).
+    """
+    onnx_path = Path(onnx_path)
+    found: set[Path] = set()
+    try:
+        import onnx  # optional; imports no torch
+        m = onnx.load(str(onnx_path), load_external_data=False)
+        tensors = list(m.graph.initializer)
+        for node in m.graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append(a.t)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                for kv in t.external_data:
+                    if kv.key == "location":
+                        f = (onnx_path.parent / kv.value)
+                        if f.is_file():
+                            found.add(f.resolve())
+        return sorted(found)
+    except ImportError:
+        pass
+    except Exception:  # a file onnx cannot parse: fall back to names
+        pass
+    for suffix in (".onnx.data", ".onnx_data", ".data"):
+        stem = onnx_path.name[: -len(".onnx")] if onnx_path.name.endswith(".onnx") else onnx_path.name
+        f = onnx_path.parent / (stem + suffix)
+        if f.is_file():
+            found.add(f.resolve())
+    return sorted(found)
+
+
+def model_file_bytes(onnx_path: str | os.PathLike) -> int:
+    """Size on disk of the .onnx file plus its external data files."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.stat().st_size + sum(f.stat().st_size for f in external_data_files(onnx_path))
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object defensively: a missing or unreadable file gives ``{}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------- devices
+def cuda_available() -> bool:
+    """True when this onnxruntime build has the CUDA EP and a CUDA device answers."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import ctypes
+        for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        else:
+            return False
+        if lib.cuInit(0) != 0:
+            return False
+        n = ctypes.c_int(0)
+        return lib.cuDeviceGetCount(ctypes.byref(n)) == 0 and n.value > 0
+    except Exception:
+        return False
+
+
+def default_threads() -> int:
+    """Number of CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------- session
+@dataclass
+class SessionInfo:
+    """What :func:`create_session` did: the options actually used, for logs and benchmarks."""
+    onnx_path: str
+    model_dir: str
+    provider: str                 # "cpu" or "cuda"
+    providers: list[str]          # what the session reports
+    kernel: str                   # kernel path taken: "native", "reference" (function bodies) or "none"
+    kernel_requested: str
+    threads: int
+    spinning: bool
+    prepacking: bool
+    load_s: float
+    config_entries: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register_kernel(so: "ort.SessionOptions", kernel: str) -> str:
+    """Register the fips.SparseMatMul CPU kernel via ``fips_rt.runtime.native.register``.
+
+    Returns the path taken ("native" or "reference"). ``auto`` falls back to the reference path (the
+    model's function bodies) when the native library is unavailable; ``native`` raises instead.
+    """
+    if kernel not in KERNELS:
+        raise FipsRuntimeError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "reference":
+        return "reference"
+    try:
+        from . import native
+    except ImportError as e:
+        if kernel == "native":
+            raise FipsRuntimeError(f"kernel='native' requested but fips_rt.runtime.native is unavailable: {e}")
+        return "reference"
+    try:
+        taken = native.register(so, kernel=kernel)
+    except Exception as e:
+        if kernel == "native":
+            raise FipsRuntimeError(f"could not register the native fips.SparseMatMul kernel: {e}") from e
+        return "reference"
+    return str(taken) if taken else "reference"
+
+
+def session_options(*, threads: int | None = None, kernel: str = "auto", provider: str = "cpu",
+                    spinning: bool | None = None, prepacking: bool = False,
+                    optimization: str = "all") -> tuple["ort.SessionOptions", dict]:
+    """Build SessionOptions; returns ``(options, facts)`` with the kernel path and the settings used."""
+    so = ort.SessionOptions()
+    threads = int(threads) if threads else default_threads()
+    if threads < 1:
+        raise FipsRuntimeError(f"threads must be >= 1, got {threads}")
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    so.graph_optimization_level = levels[optimization]
+    so.log_severity_level = 3
+    entries: dict[str, str] = {}
+    if not prepacking:
+        entries["session.disable_prepacking"] = "1"
+    if provider == "cuda":
+        if kernel == "native":
+            raise FipsRuntimeError("kernel='native' is a CPU kernel and is never registered in a CUDA session; "
+                                   "use kernel='auto' or 'reference', or provider='cpu'.")
+        taken = "reference"
+    else:
+        taken = register_kernel(so, kernel)
+    if spinning is None:
+        spinning = taken != "native"
+    if not spinning:
+        entries["session.intra_op.allow_spinning"] = "0"
+        entries["session.inter_op.allow_spinning"] = "0"
+    for k, v in entries.items():
+        so.add_session_config_entry(k, v)
+    return so, {"kernel": taken, "threads": threads, "spinning": bool(spinning),
+                "prepacking": bool(prepacking), "config_entries": entries}
+
+
+def create_session(path: str | os.PathLike, *, threads: int | None = None, kernel: str = "auto",
+                   provider: str = "auto", spinning: bool | None = None, prepacking: bool = False,
+                   optimization: str = "all") -> tuple["ort.InferenceSession", SessionInfo]:
+    """Open ``path`` (model folder or .onnx) in onnxruntime; returns ``(session, info)``.
+
+    ``kernel``: "auto" (native fips.SparseMatMul kernel when it can be built/loaded, else the function
+    bodies), "native" (fail if unavailable) or "reference" (function bodies only).
+    ``provider``: "auto" (CUDA when onnxruntime-gpu sees a GPU, else CPU), "cpu" or "cuda".
+    ``spinning``: None = off when the native kernel is registered, on otherwise (onnxruntime default).
+    """
+    onnx_path, model_dir = resolve_model_path(path)
+    if provider not in PROVIDERS:
+        raise FipsRuntimeError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "auto":
+        provider = "cuda" if cuda_available() else "cpu"
+    elif provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise FipsRuntimeError("provider='cuda' requested but this onnxruntime has no CUDAExecutionProvider "
+                               "(pip uninstall onnxruntime && pip install onnxruntime-gpu).")
+    t0 = time.perf_counter()
+    so, facts = session_options(threads=threads, kernel=kernel, provider=provider, spinning=spinning,
+                                prepacking=prepacking, optimization=optimization)
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"
+                 else ["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
+    except Exception as e:
+        raise FipsRuntimeError(f"onnxruntime could not load {onnx_path}: {e}") from e
+    load_s = time.perf_counter() - t0
+    kernel_taken = facts["kernel"]
+    info = SessionInfo(onnx_path=str(onnx_path), model_dir=str(model_dir), provider=provider,
+                       providers=list(sess.get_providers()), kernel=kernel_taken, kernel_requested=kernel,
+                       threads=facts["threads"], spinning=facts["spinning"], prepacking=facts["prepacking"],
+                       load_s=load_s,
+                       config_entries=facts["config_entries"])
+    return sess, info
+
+
+def onnxruntime_version() -> str:
+    return ort.__version__

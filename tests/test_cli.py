@@ -1,0 +1,124 @@
+"""The ``fips`` command: bad input gives one clear line and a non-zero exit; happy paths on tiny models."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fips_rt.testing import tiny_model
+
+FIPS = [sys.executable, "-c", "from fips_rt.cli import main; main()"]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(FIPS + list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def one_line_error(p):
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(lines) >= 1
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", layers=4)
+    lm.model.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text("\n\n".join(f"document {i} " + "word " * 300 for i in range(20)))
+    return p
+
+
+def test_help_lists_commands():
+    p = run("--help")
+    assert p.returncode == 0
+    for c in ("compress", "eval", "info", "demo", "export", "bench", "serve"):
+        assert c in p.stdout
+
+
+def test_missing_model_path(tmp_path):
+    line = one_line_error(run("compress", str(tmp_path / "nope"), "--out", str(tmp_path / "m.pt")))
+    assert "Model not found" in line
+
+
+def test_unsupported_architecture(tmp_path):
+    import transformers as T
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    line = one_line_error(run("compress", str(tmp_path / "gpt2"), "--out", str(tmp_path / "m.pt")))
+    assert "Unsupported architecture GPT2LMHeadModel" in line and "Supported:" in line
+
+
+@pytest.mark.parametrize("flag,value", [("--mlp-budget", "1.5"), ("--mlp-budget", "0"), ("--model-budget", "1")])
+def test_budget_outside_unit_interval(tiny_folder, tmp_path, flag, value):
+    line = one_line_error(run("compress", str(tiny_folder), flag, value, "--out", str(tmp_path / "m.pt")))
+    assert "range" in line or "between" in line
+
+
+def test_group_larger_than_layers(tiny_folder, text_file, tmp_path):
+    line = one_line_error(run("compress", str(tiny_folder), "--group-size", "8", "--calib", str(text_file),
+                              "--out", str(tmp_path / "m.pt"), "--quiet"))
+    assert "larger than the model's 4 layers" in line
+
+
+def test_empty_calibration_file(tiny_folder, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n  ")
+    line = one_line_error(run("compress", str(tiny_folder), "--calib", str(empty), "--out", str(tmp_path / "m.pt")))
+    assert "contains no text" in line
+
+
+def test_truncated_and_altered_checkpoint(tmp_path):
+    from fips_rt import FipsConfig, compress_
+    from fips_rt.checkpoint import save_checkpoint
+    lm = tiny_model("llama", layers=2)
+    compress_(lm, FipsConfig(group_size=2, steps=0, init="svd"), None, log=lambda *a: None)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, lm, "fips", {})
+    data = good.read_bytes()
+    assert run("info", str(good)).returncode == 0
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    assert "truncated" in one_line_error(run("info", str(trunc)))
+    for pos in (len(data) // 3, 10, len(data) - 30):  # tensor bytes, zip header, end record
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        p = tmp_path / f"bad{pos}.pt"
+        p.write_bytes(bytes(bad))
+        line = one_line_error(run("info", str(p)))
+        assert "corrupted" in line or "truncated" in line
+
+
+def test_compress_info_eval_on_tiny_folder(tiny_folder, text_file, tmp_path):
+    out = tmp_path / "model.pt"
+    p = run("compress", str(tiny_folder), "--mlp-budget", "0.5", "--group-size", "2", "--sparsity", "0.5",
+            "--calib", str(text_file), "--calib-tokens", "512", "--seq-len", "64", "--steps", "5",
+            "--init", "svd", "--out", str(out), "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "MLP parameters" in p.stdout and out.is_file()
+    assert not Path(str(out) + ".state").exists()
+    info = json.loads(run("info", str(out), "--json").stdout)
+    for k in ("mlp_params_dense", "mlp_params", "params_dense", "params", "bytes", "bytes_dense"):
+        assert isinstance(info[k], int)
+    assert info["mlp_params"] <= 0.5 * info["mlp_params_dense"]
+    # checkpoint has no tokenizer (tiny folder had none): eval on token windows needs one -> clear error
+    p = run("eval", str(out), "--data", str(text_file), "--dense", str(tiny_folder), "--json")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    f = tmp_path / "model.pt"
+    f.write_bytes(b"x")
+    line = one_line_error(run("compress", str(f), "--out", str(f)))
+    assert "overwrite" in line or "not a model" in line

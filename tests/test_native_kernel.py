@@ -1,0 +1,366 @@
+"""The native CPU kernel of fips.SparseMatMul (runtime/kernels) and its loader (runtime/native.py).
+
+Single-node ONNX models are built here with onnx.helper; expected results come from numpy
+on the unpacked dense V (float64).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from fips_rt.runtime import native  # noqa: E402
+
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def random_sparse(rows, cols, density=0.25, seed=0, scale=0.05, mask=None):
+    """(dense V, values, packed little-endian mask) with ~density kept entries."""
+    rng = np.random.default_rng(seed)
+    if mask is None:
+        mask = rng.random((rows, cols)) < density
+    dense = np.where(mask, rng.standard_normal((rows, cols)) * scale, 0.0).astype(np.float32)
+    values = np.ascontiguousarray(dense[mask])
+    packed = np.packbits(mask.reshape(-1), bitorder="little")
+    return dense, values, packed
+
+
+def _function_body(rows, cols, trans_b, elem_type):
+    """Reference body (standard ops): unpack the bitmask, scatter values, dense MatMul."""
+    c = lambda name, arr: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr))  # noqa: E731
+    nodes = [
+        c("shifts", np.arange(8, dtype=np.uint8).reshape(1, 8)),
+        c("ax1", np.array([1], dtype=np.int64)),
+        helper.make_node("Unsqueeze", ["mask", "ax1"], ["mask2"]),
+        helper.make_node("BitShift", ["mask2", "shifts"], ["shifted"], direction="RIGHT"),
+        c("one", np.array(1, dtype=np.uint8)),
+        helper.make_node("BitwiseAnd", ["shifted", "one"], ["bits2"]),
+        c("minus1", np.array([-1], dtype=np.int64)),
+        helper.make_node("Reshape", ["bits2", "minus1"], ["bits"]),
+        c("zero", np.array([0], dtype=np.int64)),
+        c("n", np.array([rows * cols], dtype=np.int64)),
+        helper.make_node("Slice", ["bits", "zero", "n"], ["bits_n"]),
+        helper.make_node("Cast", ["bits_n"], ["keep"], to=TensorProto.BOOL),
+        helper.make_node("NonZero", ["keep"], ["nz"]),
+        helper.make_node("Transpose", ["nz"], ["idx"], perm=[1, 0]),
+        helper.make_node("Shape", ["keep"], ["flat_shape"]),
+        helper.make_node("ConstantOfShape", ["flat_shape"], ["zeros"], value=helper.make_tensor("z", elem_type, [1], [0])),
+        helper.make_node("ScatterND", ["zeros", "idx", "values"], ["flat"]),
+        c("vshape", np.array([rows, cols], dtype=np.int64)),
+        helper.make_node("Reshape", ["flat", "vshape"], ["V"]),
+    ]
+    if trans_b:
+        nodes += [helper.make_node("Transpose", ["V"], ["Vt"], perm=[1, 0]), helper.make_node("MatMul", ["A", "Vt"], ["Y"])]
+    else:
+        nodes += [helper.make_node("MatMul", ["A", "V"], ["Y"])]
+    return helper.make_function(
+        "fips", "SparseMatMul", ["A", "values", "mask"], ["Y"], nodes, [helper.make_opsetid("", 18)],
+        attributes=["rows", "cols", "transB"],
+    )
+
+
+def make_model(rows, cols, trans_b, values, packed, a_rank=3, elem_type=TensorProto.FLOAT, body=False,
+               weights_as_inputs=False):
+    k = cols if trans_b else rows
+    a_dims = [f"d{i}" for i in range(a_rank - 1)] + [k]
+    inputs = [helper.make_tensor_value_info("A", elem_type, a_dims)]
+    inits = []
+    if weights_as_inputs:
+        inputs += [helper.make_tensor_value_info("values", elem_type, ["nnz"]),
+                   helper.make_tensor_value_info("mask", TensorProto.UINT8, ["nbytes"])]
+    else:
+        inits = [numpy_helper.from_array(values, "values"), numpy_helper.from_array(packed, "mask")]
+    node = helper.make_node("SparseMatMul", ["A", "values", "mask"], ["Y"], domain="fips",
+                            rows=rows, cols=cols, transB=trans_b)
+    graph = helper.make_graph([node], "sparse_matmul", inputs, [helper.make_tensor_value_info("Y", elem_type, None)],
+                              initializer=inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fips", 1)],
+        functions=[_function_body(rows, cols, trans_b, elem_type)] if body else [],
+    )
+    model.ir_version = 9
+    return model
+
+
+def session(model, kernel="native", threads=2):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    taken = native.register(so, kernel)
+    assert taken == ("native" if kernel == "native" else "reference")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def expected(a, dense, trans_b):
+    w = dense.astype(np.float64)
+    return a.astype(np.float64) @ (w.T if trans_b else w)
+
+
+def run_native(rows, cols, trans_b, a_shape, density=0.25, seed=0, mask=None):
+    dense, values, packed = random_sparse(rows, cols, density, seed, mask=mask)
+    sess = session(make_model(rows, cols, trans_b, values, packed, a_rank=len(a_shape)))
+    a = np.random.default_rng(seed + 1).standard_normal(a_shape).astype(np.float32)
+    y = sess.run(None, {"A": a})[0]
+    return y, expected(a, dense, trans_b)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_library():
+    path = native.library_path()
+    assert path is not None and path.is_file(), "the native kernel library could not be built"
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# numerics
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("tokens", [1, 512])
+def test_smollm2_shapes(trans_b, tokens):
+    k = 1536 if trans_b else 1024
+    y, ref = run_native(1024, 1536, trans_b, (1, tokens, k))
+    assert y.shape == (1, tokens, 1024 if trans_b else 1536)
+    assert np.abs(y - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("tokens", [2, 3, 5, 8, 9, 70, 130])
+def test_token_counts_hit_every_block_path(trans_b, tokens):
+    k = 1536 if trans_b else 1024
+    y, ref = run_native(1024, 1536, trans_b, (tokens, k), seed=tokens)
+    assert np.abs(y - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("rows,cols", [(37, 45), (45, 37), (50, 301), (3, 7), (1, 1), (64, 264), (130, 520)])
+@pytest.mark.parametrize("a_shape_lead", [(1, 3), (2, 3), (4,), (1,), (9,), (0,), (2, 0)])
+def test_odd_shapes(trans_b, rows, cols, a_shape_lead):
+    k = cols if trans_b else rows
+    y, ref = run_native(rows, cols, trans_b, (*a_shape_lead, k), seed=rows * cols)
+    assert y.shape == (*a_shape_lead, rows if trans_b else cols)
+    if y.size:
+        assert np.abs(y - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("fill", [False, True])
+@pytest.mark.parametrize("rows,cols", [(1024, 1536), (37, 45)])
+def test_all_zero_and_all_one_masks(trans_b, fill, rows, cols):
+    mask = np.full((rows, cols), fill)
+    for tokens in (1, 20):
+        y, ref = run_native(rows, cols, trans_b, (1, tokens, cols if trans_b else rows), mask=mask)
+        assert np.abs(y - ref).max() <= TOL
+        if not fill:
+            assert not y.any()
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.9])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_other_densities(density, trans_b):
+    for tokens in (1, 17):
+        y, ref = run_native(256, 520, trans_b, (tokens, 520 if trans_b else 256), density=density)
+        assert np.abs(y - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_weights_as_graph_inputs(trans_b):
+    """A mask that is not an initializer: the kernel builds its offset tables per call."""
+    rows, cols = 100, 77
+    dense, values, packed = random_sparse(rows, cols, seed=3)
+    sess = session(make_model(rows, cols, trans_b, values, packed, a_rank=2, weights_as_inputs=True))
+    a = np.random.default_rng(4).standard_normal((5, cols if trans_b else rows)).astype(np.float32)
+    y = sess.run(None, {"A": a, "values": values, "mask": packed})[0]
+    assert np.abs(y - expected(a, dense, trans_b)).max() <= TOL
+    dense2, values2, packed2 = random_sparse(rows, cols, seed=5)  # other weights, same session
+    y2 = sess.run(None, {"A": a, "values": values2, "mask": packed2})[0]
+    assert np.abs(y2 - expected(a, dense2, trans_b)).max() <= TOL
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("tokens", [1, 2, 100])
+def test_deterministic_across_runs_and_thread_counts(trans_b, tokens):
+    rows, cols = 1024, 1536
+    _, values, packed = random_sparse(rows, cols)
+    model = make_model(rows, cols, trans_b, values, packed)
+    a = np.random.default_rng(7).standard_normal((1, tokens, cols if trans_b else rows)).astype(np.float32)
+    outs = [session(model, threads=n).run(None, {"A": a})[0] for n in (1, 2, 2, 3)]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
+def test_scalar_path_matches():
+    """The portable (non-AVX2) loops, forced in a fresh process."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, sys
+        sys.path.insert(0, {tests!r})
+        import test_native_kernel as t
+        worst = 0.0
+        for trans_b in (0, 1):
+            for rows, cols, lead in [(1024, 1536, (1, 1)), (1024, 1536, (1, 40)), (37, 45, (2, 3)), (50, 301, (7,))]:
+                y, ref = t.run_native(rows, cols, trans_b, (*lead, cols if trans_b else rows))
+                worst = max(worst, float(np.abs(y - ref).max()))
+        print(worst)
+        """
+    ).format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FIPS_SPARSE_FORCE_SCALAR="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip().splitlines()[-1]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------
+# which path onnxruntime takes
+# ---------------------------------------------------------------------------------------
+def test_native_kernel_is_what_runs_the_node():
+    """No function body in the model: without the library onnxruntime cannot run the node."""
+    rows, cols = 64, 40
+    dense, values, packed = random_sparse(rows, cols)
+    model = make_model(rows, cols, 0, values, packed, a_rank=2, body=False)
+    with pytest.raises(Exception, match="SparseMatMul"):
+        session(model, kernel="reference")
+    sess = session(model, kernel="native")
+    a = np.ones((2, rows), np.float32)
+    assert np.abs(sess.run(None, {"A": a})[0] - expected(a, dense, 0)).max() <= TOL
+
+
+def test_reference_path_uses_function_body():
+    rows, cols = 64, 40
+    dense, values, packed = random_sparse(rows, cols)
+    model = make_model(rows, cols, 1, values, packed, a_rank=2, body=True)
+    a = np.random.default_rng(0).standard_normal((3, cols)).astype(np.float32)
+    for kernel in ("reference", "native"):
+        y = session(model, kernel=kernel).run(None, {"A": a})[0]
+        assert np.abs(y - expected(a, dense, 1)).max() <= TOL
+
+
+@pytest.mark.parametrize("body", [True, False])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_float16_nodes_run_with_the_library_registered(trans_b, body):
+    """The library has only a float32 kernel (plus a schema-only float16 declaration, see
+    fips_sparse.cc). With it registered a float16 node must still load and run. onnxruntime
+    (1.32) does not use the function body here: it wraps the node in Casts and runs the
+    float32 kernel, so the result is the float32 product rounded to float16."""
+    rows, cols = 37, 45
+    dense, values, packed = random_sparse(rows, cols, scale=0.5)
+    values16 = values.astype(np.float16)
+    a = np.random.default_rng(1).standard_normal((2, 3, cols if trans_b else rows)).astype(np.float16)
+    ref = expected(a.astype(np.float32), _dense_from(values16.astype(np.float32), packed, rows, cols), trans_b)
+    model = make_model(rows, cols, trans_b, values16, packed, elem_type=TensorProto.FLOAT16, body=body)
+    y = session(model, kernel="native").run(None, {"A": a})[0]
+    assert y.dtype == np.float16 and y.shape == ref.shape
+    assert np.abs(y.astype(np.float64) - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
+
+
+def test_float16_node_uses_function_body_without_the_library():
+    rows, cols = 37, 45
+    dense, values, packed = random_sparse(rows, cols, scale=0.5)
+    values16 = values.astype(np.float16)
+    a = np.random.default_rng(1).standard_normal((4, rows)).astype(np.float16)
+    ref = expected(a.astype(np.float32), _dense_from(values16.astype(np.float32), packed, rows, cols), 0)
+    model = make_model(rows, cols, 0, values16, packed, a_rank=2, elem_type=TensorProto.FLOAT16, body=True)
+    y = session(model, kernel="reference").run(None, {"A": a})[0]
+    assert y.dtype == np.float16
+    assert np.abs(y.astype(np.float64) - ref).max() <= 2e-2 * max(1.0, np.abs(ref).max())
+
+
+def _dense_from(values, packed, rows, cols):
+    keep = np.unpackbits(packed, count=rows * cols, bitorder="little").astype(bool).reshape(rows, cols)
+    out = np.zeros((rows, cols), np.float32)
+    out[keep] = values
+    return out
+
+
+def test_bad_inputs_raise_clear_errors():
+    rows, cols = 16, 24
+    _, values, packed = random_sparse(rows, cols)
+    model = make_model(rows, cols, 0, values, packed, a_rank=2)
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "k"  # let a wrong K through
+    sess = session(model)
+    with pytest.raises(Exception, match="last dimension"):
+        sess.run(None, {"A": np.ones((2, rows + 1), np.float32)})
+    wrong = make_model(rows, cols, 0, values[:-1], packed, a_rank=2)
+    with pytest.raises(Exception, match="values has"):
+        session(wrong).run(None, {"A": np.ones((2, rows), np.float32)})
+
+
+# ---------------------------------------------------------------------------------------
+# loader
+# ---------------------------------------------------------------------------------------
+def _hide_compiler(monkeypatch, tmp_path):
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FIPS_RT_NO_NATIVE", raising=False)
+
+
+def test_library_path_without_compiler_warns_and_returns_none(monkeypatch, tmp_path):
+    _hide_compiler(monkeypatch, tmp_path)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert native.library_path() is None
+    assert native.library_path(build=False) is None
+
+
+def test_no_native_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FIPS_RT_NO_NATIVE", "1")
+    with pytest.warns(RuntimeWarning, match="FIPS_RT_NO_NATIVE"):
+        assert native.library_path() is None
+
+
+def test_register_modes_without_compiler(monkeypatch, tmp_path):
+    _hide_compiler(monkeypatch, tmp_path)
+    so = ort.SessionOptions()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.register(so, "native")
+    with pytest.warns(RuntimeWarning, match="reference"):
+        assert native.register(so, "auto") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.register(so, "reference") == "reference"
+    with pytest.raises(ValueError):
+        native.register(so, "fast")
+
+
+def test_build_into_fresh_cache(monkeypatch, tmp_path):
+    """A fresh cache directory gets <ort version>-<hash>/libfips_sparse.so, reused afterwards."""
+    monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path))
+    monkeypatch.delenv("FIPS_RT_NO_NATIVE", raising=False)
+    path = native.library_path()
+    assert path is not None and path.name == native.LIBRARY_NAME
+    assert path.parent.parent == tmp_path / "kernels"
+    assert path.parent.name.startswith(ort.__version__ + "-")
+    assert not [p for p in path.parent.iterdir() if p.name != native.LIBRARY_NAME]  # no temp files left
+    mtime = path.stat().st_mtime_ns
+    assert native.library_path() == path and path.stat().st_mtime_ns == mtime
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.register(ort.SessionOptions(), "auto") == "native"
+
+
+def test_compile_error_warns(monkeypatch, tmp_path):
+    """A compiler that fails: None and a warning, not an exception."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    cxx = fake / "badcxx"
+    cxx.write_text("#!/bin/sh\necho 'fake: error: nothing works' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FIPS_RT_NO_NATIVE", raising=False)
+    with pytest.warns(RuntimeWarning, match="compilation failed"):
+        assert native.library_path() is None
