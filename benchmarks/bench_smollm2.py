@@ -5,6 +5,10 @@
     python benchmarks/bench_smollm2.py --force-export    # rebuild the checkpoint and both exports
 
 Steps:
+Both are exported with external data (``model.onnx.data``): onnxruntime then maps the weights from the
+file instead of parsing them out of the protobuf, which removes a ~100 MiB load-time transient from the
+peak RSS (measured: peak 638 -> 543 MiB for the dense model) and lets processes share the pages.
+
 1. export the dense model           -> runs/bench_smollm2/dense/model.onnx
 2. FiPS-compress it (mlp_budget=0.5, group_size=4, sparsity=0.75, steps=0: the whitened-SVD init with
    magnitude-pruned V, no fine-tuning; 4096 wiki calibration tokens), save the checkpoint
@@ -48,7 +52,7 @@ def build_exports(work: Path, force: bool) -> tuple[Path, Path]:
     os.environ.setdefault("TQDM_DISABLE", "1")
     lm = fips_rt.load_model("smollm2-135m")
     log("exporting the dense model")
-    rep = export(lm, dense_onnx, dtype="fp32", last_logits_only=True, verify=True)
+    rep = export(lm, dense_onnx, dtype="fp32", last_logits_only=True, verify=True, external_data=True)
     log(rep.table() if hasattr(rep, "table") else str(rep))
     log("compressing (FiPS, mlp_budget=0.5, group_size=4, sparsity=0.75, steps=0)")
     calib = lm_batches(lm.tokenizer, "wiki", "train", 4096, 512, 4)
@@ -56,7 +60,7 @@ def build_exports(work: Path, force: bool) -> tuple[Path, Path]:
     report = fips_rt.compress_(lm, cfg, calib, device="cpu")
     save_checkpoint(ckpt, lm, cfg.method, cfg.to_dict(), report.to_dict())
     log(f"exporting the FiPS model from {ckpt}")
-    rep = export(str(ckpt), fips_onnx, dtype="fp32", last_logits_only=True, verify=True)
+    rep = export(str(ckpt), fips_onnx, dtype="fp32", last_logits_only=True, verify=True, external_data=True)
     log(rep.table() if hasattr(rep, "table") else str(rep))
     return dense_onnx, fips_onnx
 

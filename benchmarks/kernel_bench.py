@@ -2,9 +2,9 @@
 
 Shapes of one SmolLM2-135M FiPS MLP: d=576, r=1024, d_ff=1536, V 75% zeros (unstructured).
 
-    dense : y = (silu(x Wg) * (x Wu)) Wd                 Wg, Wu [576,1536], Wd [1536,576]
+    dense : y = x + (silu(x Wg) * (x Wu)) Wd             Wg, Wu [576,1536], Wd [1536,576]
     sparse: t = x U1 ; g = SparseMatMul(t, Vg) ; u = SparseMatMul(t, Vu)
-            s = SparseMatMul(silu(g) * u, Vd, transB=1) ; y = Gemm(s, U2, transB=1)
+            s = SparseMatMul(silu(g) * u, Vd, transB=1) ; y = x + Gemm(s, U2, transB=1)
             U1, U2 [576,1024] dense, Vg, Vu, Vd [1024,1536] sparse (values + bitmask)
 
 The dense weights are the products of the sparse model's (Wg = U1 Vg, ..., Wd = Vd^T U2^T), so
@@ -15,8 +15,8 @@ both graphs compute the same function (checked). Both sessions use the same Sess
 layers, as FiPS does): with L=1 all weights stay in the CPU caches; with L=8 they do not
 (dense 85 MB), which is the regime of a whole-model decode step.
 
-Timing: dense and sparse are measured in alternating rounds (the machine may be shared),
-each round after warm-up; the median per-call time over all rounds is reported.
+Timing: dense and sparse are measured in alternating rounds (the machine may be shared), after
+warm-up; the median and the 10th percentile of the per-call wall times are reported.
 
     python benchmarks/kernel_bench.py                      # writes benchmarks/results/kernel_bench.{json,md}
     python benchmarks/kernel_bench.py --tokens 1 --layers 1 --rounds 3 --no-write
@@ -90,7 +90,8 @@ def dense_model(weights, tokens):
             inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), f"{name}{i}"))
         nodes += [helper.make_node("MatMul", [cur, f"Wg{i}"], [f"g{i}"]), helper.make_node("MatMul", [cur, f"Wu{i}"], [f"u{i}"])]
         _silu(nodes, f"g{i}", f"a{i}")
-        nodes += [helper.make_node("Mul", [f"a{i}", f"u{i}"], [f"h{i}"]), helper.make_node("MatMul", [f"h{i}", f"Wd{i}"], [f"y{i}"])]
+        nodes += [helper.make_node("Mul", [f"a{i}", f"u{i}"], [f"h{i}"]), helper.make_node("MatMul", [f"h{i}", f"Wd{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [cur, f"m{i}"], [f"y{i}"])]  # residual, as in the transformer
         cur = f"y{i}"
     return _model(nodes, inits, cur, tokens, opsets=[("", 18)])
 
@@ -123,7 +124,8 @@ def sparse_model(weights, tokens):
             helper.make_node("Reshape", [f"s{i}", "flat_r"], [f"s2d{i}"]),
             helper.make_node("Gemm", [f"s2d{i}", f"U2_{g}"], [f"y2d{i}"], transB=1),
             helper.make_node("Shape", [cur], [f"shape{i}"]),
-            helper.make_node("Reshape", [f"y2d{i}", f"shape{i}"], [f"y{i}"]),
+            helper.make_node("Reshape", [f"y2d{i}", f"shape{i}"], [f"m{i}"]),
+            helper.make_node("Add", [cur, f"m{i}"], [f"y{i}"]),
         ]
         cur = f"y{i}"
     return _model(nodes, inits, cur, tokens, opsets=[("", 18), ("fips", 1)])
@@ -148,18 +150,47 @@ def weight_bytes(weights):
 # timing
 # ---------------------------------------------------------------------------------------
 def time_pair(sessions, x, reps, rounds, warmup):
+    """Per-call wall times of each session, measured in alternating rounds (ABAB..., the order
+    flipped every round) so that both see the same machine conditions."""
     feeds = {"x": x}
     times = {k: [] for k in sessions}
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, feeds)
-    for _ in range(rounds):
-        for name, s in sessions.items():
+    items = list(sessions.items())
+    for r in range(rounds):
+        for name, s in items if r % 2 == 0 else items[::-1]:
             for _ in range(reps):
                 t0 = time.perf_counter()
                 s.run(None, feeds)
                 times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out = {}
+    for k, v in times.items():
+        v = sorted(v)
+        out[k] = {"median": statistics.median(v) * 1e3, "p10": v[len(v) // 10] * 1e3, "n": len(v)}
+    return out
+
+
+def cpu_time_pair(sessions, x, reps, rounds):
+    """Median CPU time per call of the calling thread (sessions with intra_op_num_threads=1
+    run every node on it): unaffected by time the process spends descheduled on a shared
+    machine, unlike wall time."""
+    feeds = {"x": x}
+    per_call = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feeds)
+    items = list(sessions.items())
+    for r in range(rounds):
+        for name, s in items if r % 2 == 0 else items[::-1]:
+            t0 = time.thread_time()
+            for _ in range(reps):
+                s.run(None, feeds)
+            per_call[name].append((time.thread_time() - t0) / reps)
+    return {k: statistics.median(v) * 1e3 for k, v in per_call.items()}
+
+
+def _loadavg():
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def machine_info(lib_path):
@@ -192,8 +223,20 @@ def machine_info(lib_path):
         "python": platform.python_version(),
         "numpy": np.__version__,
         "kernel_isa": isa,
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "loadavg_start": _loadavg(),
     }
+
+
+HEADER = ("| layers | tokens | weights dense / sparse (MB) | dense ms median (p10) | sparse ms median (p10) "
+          "| sparse/dense median (p10) | 1-thread CPU ms dense / sparse (ratio) | max abs diff |")
+
+
+def _md_row(r):
+    cpu = (f"{r['dense_cpu1_ms']:.3f} / {r['sparse_cpu1_ms']:.3f} ({r['ratio_cpu1']:.2f})"
+           if "ratio_cpu1" in r else "-")
+    return (f"| {r['layers']} | {r['tokens']} | {r['dense_weight_mb']:.1f} / {r['sparse_weight_mb']:.1f} | "
+            f"{r['dense_ms']:.3f} ({r['dense_p10_ms']:.3f}) | {r['sparse_ms']:.3f} ({r['sparse_p10_ms']:.3f}) | "
+            f"{r['ratio']:.2f} ({r['ratio_p10']:.2f}) | {cpu} | {r['max_abs_diff']:.1e} |")
 
 
 def main(argv=None):
@@ -202,7 +245,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--group-size", type=int, default=4, help="layers sharing one U1/U2 pair")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--no-cpu-time", action="store_true", help="skip the 1-thread CPU-time measurement")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -214,14 +258,17 @@ def main(argv=None):
     so.intra_op_num_threads = args.threads
     so.add_session_config_entry("session.disable_prepacking", "1")
     native.register(so, "native")
+    so1 = ort.SessionOptions()  # for the CPU-time table: everything on the calling thread
+    so1.intra_op_num_threads = 1
+    so1.add_session_config_entry("session.disable_prepacking", "1")
+    native.register(so1, "native")
 
     info = machine_info(lib)
     rows = []
     print(f"# fips.SparseMatMul kernel bench - {info['cpu']}, {info['logical_cpus']} logical CPUs, "
           f"onnxruntime {info['onnxruntime']}, kernel {info['kernel_isa']}, threads {args.threads}\n")
-    header = "| layers | tokens | weights dense / sparse (MB) | dense ms | sparse ms | sparse/dense | max abs diff |"
-    print(header)
-    print("|---|---|---|---|---|---|---|")
+    print(HEADER)
+    print("|---|---|---|---|---|---|---|---|")
     for layers in args.layers:
         weights = make_weights(layers, args.group_size)
         wd, ws = weight_bytes(weights)
@@ -234,17 +281,25 @@ def main(argv=None):
             yd = sessions["dense"].run(None, {"x": x})[0]
             ys = sessions["sparse"].run(None, {"x": x})[0]
             diff = float(np.abs(yd - ys).max())
-            work = layers * tokens  # scale repetitions to ~constant time per round
-            reps = max(2, min(200, int(600 / work)))
-            warmup = max(2, reps // 4)
-            ms = time_pair(sessions, x, reps, args.rounds, warmup)
-            row = {"layers": layers, "tokens": tokens, "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
-                   "ratio": ms["sparse"] / ms["dense"], "max_abs_diff": diff, "reps_per_round": reps,
-                   "rounds": args.rounds, "dense_weight_mb": wd / 1e6, "sparse_weight_mb": ws / 1e6}
+            work = layers * tokens  # scale repetitions to roughly constant time per round
+            reps = max(1, min(50, int(200 / work)))
+            warmup = max(3, reps)
+            t = time_pair(sessions, x, reps, args.rounds, warmup)
+            row = {"layers": layers, "tokens": tokens,
+                   "dense_ms": t["dense"]["median"], "sparse_ms": t["sparse"]["median"],
+                   "dense_p10_ms": t["dense"]["p10"], "sparse_p10_ms": t["sparse"]["p10"],
+                   "ratio": t["sparse"]["median"] / t["dense"]["median"],
+                   "ratio_p10": t["sparse"]["p10"] / t["dense"]["p10"],
+                   "max_abs_diff": diff, "calls_per_session": t["dense"]["n"],
+                   "dense_weight_mb": wd / 1e6, "sparse_weight_mb": ws / 1e6}
+            if not args.no_cpu_time:
+                s1 = {"dense": ort.InferenceSession(dense_model(weights, tokens), so1, providers=["CPUExecutionProvider"]),
+                      "sparse": ort.InferenceSession(sparse_model(weights, tokens), so1, providers=["CPUExecutionProvider"])}
+                c = cpu_time_pair(s1, x, max(1, reps // 2), max(5, args.rounds // 2))
+                row.update(dense_cpu1_ms=c["dense"], sparse_cpu1_ms=c["sparse"], ratio_cpu1=c["sparse"] / c["dense"])
             rows.append(row)
-            print(f"| {layers} | {tokens} | {wd / 1e6:.1f} / {ws / 1e6:.1f} | {ms['dense']:.3f} | {ms['sparse']:.3f} | "
-                  f"{row['ratio']:.2f} | {diff:.1e} |", flush=True)
-    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+            print(_md_row(row), flush=True)
+    info["loadavg_end"] = _loadavg()
     if args.no_write:
         return rows
     args.out.mkdir(parents=True, exist_ok=True)
@@ -268,14 +323,14 @@ def main(argv=None):
         f"One SmolLM2 FiPS MLP: d={D}, r={R}, d_ff={DFF}, V {int(SPARSITY * 100)}% zeros; dense = the equivalent "
         f"dense W (3 x {D}x{DFF}); sparse = MatMul x U1 + 2 SparseMatMul + SparseMatMul(transB) + Gemm(transB). "
         f"`layers` > 1 chains MLPs with distinct weights (U shared per {args.group_size} layers) so the weights do "
-        "not fit in the caches. Median ms per call.",
+        "not fit in the caches. Wall ms per call with intra_op_num_threads=2: median and 10th percentile (p10, "
+        "closer to the time on an idle machine) over all calls. '1-thread CPU ms': CPU time per call of sessions "
+        "with intra_op_num_threads=1 (same options otherwise), which time spent descheduled does not inflate.",
         "",
-        header,
-        "|---|---|---|---|---|---|---|",
+        HEADER,
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        md.append(f"| {r['layers']} | {r['tokens']} | {r['dense_weight_mb']:.1f} / {r['sparse_weight_mb']:.1f} | "
-                  f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['ratio']:.2f} | {r['max_abs_diff']:.1e} |")
+    md += [_md_row(r) for r in rows]
     (args.out / "kernel_bench.md").write_text("\n".join(md) + "\n")
     print(f"\nwrote {args.out / 'kernel_bench.json'} and {args.out / 'kernel_bench.md'}")
     return rows

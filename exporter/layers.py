@@ -138,10 +138,10 @@ def fc_mlp(b: GraphBuilder, fc1, fc2, x: str, path1: str, path2: str, act: str) 
 # ---------------------------------------------------------------------- norms
 def rms_norm(b: GraphBuilder, x: str, weight, eps: float, path: str, *, offset_one: bool = False) -> str:
     """RMSNorm computed in fp32. Llama: w * norm(x).to(dtype); Gemma: (norm(x) * (1 + w)).to(dtype)."""
+    # Pow → ReduceMean → Add → Sqrt → Div: the pattern onnxruntime fuses into SimplifiedLayerNormalization
     x32 = b.to_fp32(x)
-    var = b.reduce_mean(b.op("Mul", [x32, x32]), [-1])
-    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
-    y = b.op("Mul", [x32, inv])
+    var = b.reduce_mean(b.op("Pow", [x32, b.const(np.float32(2.0))]), [-1])
+    y = b.op("Div", [x32, b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
     if offset_one:
         w = b.weight(weight, f"{path}.weight", dtype="fp32", transform=_one_plus)
         return b.from_fp32(b.op("Mul", [y, w]))
@@ -190,8 +190,10 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, allowed: str, *, n_heads:
 
 def split_heads(b: GraphBuilder, x: str, bs_shape: str, n: int, head_dim: int) -> str:
     """[N, n*hd] -> [B, n, S, hd] given ``bs_shape`` = [B, S]."""
-    shape = b.op("Concat", [bs_shape, b.i64([n, head_dim])], axis=0)
-    return b.op("Transpose", [b.op("Reshape", [x, shape])], perm=[0, 2, 1, 3])
+    shapes = b.memo.setdefault("head_shapes", {})
+    if (bs_shape, n, head_dim) not in shapes:
+        shapes[(bs_shape, n, head_dim)] = b.op("Concat", [bs_shape, b.i64([n, head_dim])], axis=0)
+    return b.op("Transpose", [b.op("Reshape", [x, shapes[(bs_shape, n, head_dim)]])], perm=[0, 2, 1, 3])
 
 
 def merge_heads(b: GraphBuilder, x: str, n: int, head_dim: int) -> str:

@@ -84,10 +84,16 @@ def input_statistics(model, adapter: Adapter, layers: list[list[tuple[str, str]]
     from tqdm.auto import tqdm
     from .evaluate import forward
     dev = next(model.parameters()).device
+    def stop(mod, args, out):
+        raise _Stop  # nothing after the last MLP is needed (e.g. the LM head)
+    handles.append(mlp_chain(model, adapter, len(layers) - 1)[-1].register_forward_hook(stop))
     with _hooks(handles):
         for b in tqdm(batches, desc="calibration statistics", disable=not progress, leave=False):
             mask_holder["mask"] = _tokens_mask(b)
-            forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
+            try:
+                forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
+            except _Stop:
+                pass
     return stats
 
 
@@ -121,14 +127,38 @@ def teacher_io(model, adapter: Adapter, layer_ids: list[int], batches, progress=
     from .evaluate import forward
     dev = next(model.parameters()).device
     with _hooks(handles):
-        total = 0
-        for b in tqdm(batches, desc="teacher activations", disable=not progress, leave=False):
+        for b in tqdm(batches, desc=f"teacher activations (layers {layer_ids[0]}-{last})", disable=not progress,
+                      leave=False):
             mask_holder["mask"] = _tokens_mask(b)
             try:
                 forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
             except _Stop:
                 pass
-            total = sum(x.shape[0] for x in xs[last])
-            if max_tokens and total >= max_tokens:
+            if max_tokens and sum(x.shape[0] for x in xs[last]) >= max_tokens:
                 break
     return {li: torch.cat(xs[li]) for li in layer_ids}, {li: torch.cat(ys[li]) for li in layer_ids}
+
+
+def count_tokens(batches, kind: str) -> int:
+    n = 0
+    for b in batches:
+        if "attention_mask" in b:
+            n += int(b["attention_mask"].sum())
+        elif kind == "vit":
+            n += b["x"].shape[0] * 1024  # upper bound on patches per image, for memory planning only
+        else:
+            n += b["input_ids"].numel()
+    return n
+
+
+def io_bytes(model, adapter: Adapter, layer_ids: list[int], tokens: int) -> int:
+    """Memory the teacher I/O of these layers takes (fp32, input + output per MLP)."""
+    from .adapters import get_submodule, linear_paths
+    total = 0
+    lp = linear_paths(model, adapter)
+    for li in layer_ids:
+        path, orient = lp[li][0]
+        w = get_submodule(model, path).weight
+        d = w.shape[1] if orient == "in" else w.shape[0]
+        total += 2 * d * tokens * 4
+    return total

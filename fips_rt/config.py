@@ -48,6 +48,8 @@ class FipsConfig:
     global_lr: float = 1e-4
     global_batch: int = 2
     seed: int = 0
+    activation_memory_gb: float = 4.0  # teacher MLP I/O held at once (more groups per calibration pass)
+    keep_teacher: bool = False  # keep a dense copy for teacher I/O of groups that did not fit in one pass
 
     def __post_init__(self):
         if self.mlp_budget is None and self.model_budget is None:

@@ -224,13 +224,14 @@ def _gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 def weighted_spectrum(delta: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor | None):
     """(descending squared singular values of delta S, ||W S||_F^2); S = factor (None: identity)."""
-    d = delta.double()
-    w = weight.double()
-    if factor is not None:
-        d, w = d @ factor, w @ factor
+    d = delta.float()
+    w = weight.float()
+    if factor is not None:  # float32 products (fast); the eigenvalues in float64
+        f = factor.float()
+        d, w = d @ f, w @ f
     g, _ = _gram(d)
-    ev = torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
-    return ev, float(w.pow(2).sum())
+    ev = torch.linalg.eigvalsh(g.double()).flip(0).clamp_min(0)
+    return ev, float(w.double().pow(2).sum())
 
 
 def lowrank_delta(delta: torch.Tensor, rank: int, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import Adapter, get_submodule, linear_paths, set_submodule, stage_of_layer
 from .budget import check_groups, consecutive_groups, kept_nnz, mlp_budget_from_model_budget, rank_for_budget
-from .capture import input_statistics, mlp_chain, run_chain, teacher_io
+from .capture import count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, teacher_io
 from .config import FipsConfig
 from .decompose import diag_scale, normalized_cov, shared_svd_init, whitening_factor
 from .errors import FipsError
@@ -289,8 +289,8 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
             for f in state.glob("group_*.pt"):
                 f.unlink()
         meta_file.write_text(json.dumps(meta))
-    teacher = None  # a dense copy: teacher-forced inputs for every group, and the distillation target
-    if cfg.steps > 0 or cfg.global_steps > 0:
+    teacher = None  # a dense copy: distillation target, and teacher I/O for groups recorded late
+    if cfg.global_steps > 0 or (cfg.steps > 0 and cfg.keep_teacher):
         import copy
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
@@ -316,6 +316,30 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
         for plan, ini in zip(plans, inits):
             plan.nnz = int(sum(int(m.sum()) for m in masks_final[k:k + len(ini.V)]))
             k += len(ini.V)
+    # Teacher-forced I/O comes from the dense model: recorded before any group is replaced, for as many
+    # groups per forward pass as fit in cfg.activation_memory_gb (the rest on later passes, from the teacher).
+    todo = [p for p in plans if not (state is not None and resume and (state / f"group_{p.index:03d}.pt").is_file())]
+    n_tokens = count_tokens(calibration, adapter.kind) if calibration else 0
+
+    def prefetch(start_index: int):
+        chosen, size = [], 0
+        for p in todo:
+            if p.index < start_index:
+                continue
+            need = io_bytes(model, adapter, p.layers, n_tokens)
+            if chosen and size + need > cfg.activation_memory_gb * 2**30:
+                break
+            chosen += p.layers
+            size += need
+        # before any replacement the model is the dense teacher; later passes use the kept dense copy if
+        # any (keep_teacher), else the partially compressed model (inputs then carry earlier groups' error)
+        first = all(isinstance(get_submodule(model, pth), nn.Linear) for li in range(len(layers)) for pth, _ in layers[li])
+        src = model if first or teacher is None else teacher
+        return teacher_io(src, adapter, chosen, calibration, progress)
+
+    io_cache: tuple[dict, dict] = ({}, {})
+    if cfg.steps > 0 and todo:
+        io_cache = prefetch(todo[0].index)
     group_info = []
     k = 0
     for plan, ini in zip(plans, inits):
@@ -342,7 +366,10 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
             mods = install_group(model, plan, ini.U, ini.V, masks, device)
             info = {}
             if cfg.steps > 0:
-                X, Y = teacher_io(teacher, adapter, plan.layers, calibration, progress)
+                if not all(li in io_cache[0] for li in plan.layers):
+                    io_cache = prefetch(plan.index)
+                X = {li: io_cache[0].pop(li) for li in plan.layers}
+                Y = {li: io_cache[1].pop(li) for li in plan.layers}
                 info = train_group_local(model, adapter, plan, mods, ini.col_scale, cfg, X, Y, device, progress)
                 del X, Y
             if state is not None:

@@ -316,7 +316,8 @@ def run_worker(spec: dict) -> dict:
         mem.start_peak()
         t0 = time.perf_counter()
         model = Model.load(spec["path"], threads=spec.get("threads"), kernel=spec.get("kernel", "auto"),
-                           provider=spec.get("provider", "cpu"), spinning=spec.get("spinning"))
+                           provider=spec.get("provider", "cpu"), spinning=spec.get("spinning"),
+                           prefill_chunk=spec.get("prefill_chunk", Model.DEFAULT_PREFILL_CHUNK))
         res.load_s = time.perf_counter() - t0
         res.rss_after_load_mb = mem.rss()
         res.kind, res.kernel, res.provider = model.kind, model.info.kernel, model.info.provider
@@ -346,7 +347,7 @@ def run_worker(spec: dict) -> dict:
                     res.skipped_prefill_lengths.append(L)
                     continue
                 ids = rand_ids(L)
-                st = Stats.of(timed(lambda: model.forward(ids, None), warmup, reps))
+                st = Stats.of(timed(lambda: model.prefill(ids), warmup, reps))
                 res.prefill[str(L)] = st
                 res.prefill_tokens_per_s[str(L)] = L / (st.mean_ms / 1000.0)
             n_dec = int(spec["decode_tokens"])
@@ -359,7 +360,7 @@ def run_worker(spec: dict) -> dict:
 
                 def decode_run(keep: bool):
                     ids = rand_ids(dctx)
-                    logits, cache = model.forward(ids, None)
+                    logits, cache = model.prefill(ids)
                     for _ in range(n_dec):
                         tok = int(np.argmax(logits))
                         t = time.perf_counter()
@@ -461,8 +462,8 @@ def run_model_in_subprocess(spec: dict, timeout: float | None = None) -> ModelBe
 
 def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64, 512), decode_tokens: int = 32,
               decode_context: int = 64, repetitions: int = 5, warmup: int = 1, threads: int | None = None,
-              kernel: str = "auto", spinning: str = "off", seed: int = 0, timeout: float | None = 3600,
-              log=None) -> BenchResult:
+              kernel: str = "auto", spinning: str = "off", prefill_chunk: int | None = 512, seed: int = 0,
+              timeout: float | None = 3600, log=None) -> BenchResult:
     """Benchmark ``model`` (and ``baseline``), each in a fresh process with identical settings."""
     from .session import default_threads
     if repetitions < 1:
@@ -474,8 +475,9 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
     settings = {"prompt_lengths": [int(x) for x in prompt_lengths], "decode_tokens": int(decode_tokens),
                 "decode_context": int(decode_context), "repetitions": int(repetitions), "warmup": int(warmup),
                 "threads": threads, "kernel": kernel, "spinning": spinning, "seed": int(seed), "provider": "cpu",
+                "prefill_chunk": prefill_chunk,
                 "session_options": {"session.disable_prepacking": "1", "intra_op_num_threads": threads,
-                                    "inter_op_num_threads": 1,
+                                    "inter_op_num_threads": 1, "enable_mem_pattern": False,
                                     "session.intra_op.allow_spinning": {"off": "0", "on": "1",
                                                                         "auto": "0 with the native kernel"}[spinning],
                                     "graph_optimization_level": "ORT_ENABLE_ALL"},
@@ -488,7 +490,8 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
             continue
         spec = {"role": role, "path": str(path), "threads": threads, "kernel": kernel, "spinning": spin,
                 "provider": "cpu", "prompt_lengths": settings["prompt_lengths"], "decode_tokens": decode_tokens,
-                "decode_context": decode_context, "repetitions": repetitions, "warmup": warmup, "seed": seed}
+                "decode_context": decode_context, "repetitions": repetitions, "warmup": warmup, "seed": seed,
+                "prefill_chunk": prefill_chunk}
         if log:
             log(f"benchmarking {role}: {path}")
         results[role] = run_model_in_subprocess(spec, timeout=timeout)
@@ -517,6 +520,7 @@ def to_markdown(r: BenchResult) -> str:
     s = r.settings
     lines.append(f"{m.get('cpu_model')} ({m.get('usable_cpus')} usable CPUs), onnxruntime {m.get('onnxruntime')}, "
                  f"threads {s['threads']}, kernel {s['kernel']}, spinning {s['spinning']}, "
+                 f"prefill chunk {s.get('prefill_chunk')}, "
                  f"{s['warmup']} warm-up + {s['repetitions']} repetitions; commit "
                  f"{(r.git_commit or 'unknown')[:12]}{' (dirty)' if r.git_dirty else ''}, {r.timestamp}")
     lines.append("")

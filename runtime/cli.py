@@ -45,10 +45,12 @@ def _lengths(ctx, param, value: str) -> list[int]:
               help="fips.SparseMatMul implementation (native kernel library or the ONNX function bodies).")
 @click.option("--spinning", type=click.Choice(["off", "on", "auto"]), default="off", show_default=True,
               help="onnxruntime intra-op thread spinning, identical for both models.")
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
+              help="Prompts longer than this run in chunks through the KV cache (0: never chunk).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompts.")
 @click.option("--timeout", default=3600.0, show_default=True, type=float, help="Seconds per model process.")
 def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_lengths, decode_tokens,
-                  decode_context, repetitions, warmup, threads, kernel, spinning, seed, timeout):
+                  decode_context, repetitions, warmup, threads, kernel, spinning, prefill_chunk, seed, timeout):
     """Benchmark MODEL (.onnx file or exported folder), optionally against --baseline, each in a fresh process.
 
     Reports load time, memory attributable to the model (RSS after load / after running / peak, minus the
@@ -62,7 +64,8 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
 
     result = run_bench(model, baseline, prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
                        decode_context=decode_context, repetitions=repetitions, warmup=warmup, threads=threads,
-                       kernel=kernel, spinning=spinning, seed=seed, timeout=timeout, log=log)
+                       kernel=kernel, spinning=spinning, prefill_chunk=prefill_chunk or None, seed=seed,
+                       timeout=timeout, log=log)
     try:
         write_reports(result, json_path=json_path, markdown_path=markdown_path,
                       plot_path=plot_path if result.ok else None)
@@ -99,16 +102,19 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
               help="Requests running in the model at once (the rest wait).")
 @click.option("--workers", default=32, show_default=True, type=click.IntRange(1, 1024),
               help="Connection-handling threads.")
+@click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
+              help="Prompts longer than this run in chunks through the KV cache (0: never chunk).")
 @click.option("--quiet", is_flag=True, help="No access log.")
 def serve_command(model, host, port, threads, kernel, provider, name, max_body_bytes, max_prompt_tokens,
-                  max_tokens_limit, concurrency, workers, quiet):
+                  max_tokens_limit, concurrency, workers, prefill_chunk, quiet):
     """Serve MODEL over an OpenAI-style HTTP API (/v1/completions, /v1/chat/completions, /v1/embeddings,
     /v1/models, /health) until SIGINT/SIGTERM."""
     from .generate import FipsRuntimeError, Model
     from .serve import ServeConfig, serve
 
     try:
-        m = Model.load(model, threads=threads, kernel=kernel, provider=provider, name=name)
+        m = Model.load(model, threads=threads, kernel=kernel, provider=provider, name=name,
+                       prefill_chunk=prefill_chunk or None)
     except FipsRuntimeError as e:
         raise click.ClickException(str(e))
     cfg = ServeConfig(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,

@@ -386,7 +386,13 @@ class KVCache:
 class Model:
     """An exported model opened in onnxruntime. Create with :meth:`Model.load`."""
 
-    def __init__(self, session: "ort.InferenceSession", info: SessionInfo, *, name: str | None = None):
+    DEFAULT_PREFILL_CHUNK = 512
+
+    def __init__(self, session: "ort.InferenceSession", info: SessionInfo, *, name: str | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise FipsRuntimeError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.session = session
         self.info = info
         self.model_dir = Path(info.model_dir)
@@ -410,14 +416,20 @@ class Model:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path, *, threads: int | None = None, kernel: str = "auto", provider: str = "auto",
-             spinning: bool | None = None, name: str | None = None) -> "Model":
+             spinning: bool | None = None, name: str | None = None,
+             prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, **session_kwargs) -> "Model":
         """Open a model folder (``model.onnx`` + tokenizer files + ``fips_config.json``) or an ``.onnx`` file.
 
         ``kernel`` ("auto" | "native" | "reference") is passed to ``fips_rt.runtime.native.register``;
-        ``provider`` is "auto" (CUDA when available, CPU otherwise), "cpu" or "cuda".
+        ``provider`` is "auto" (CUDA when available, CPU otherwise), "cpu" or "cuda"; ``threads`` the
+        intra-op threads (default: usable cores); ``spinning`` None = off with the native kernel.
+        ``prefill_chunk``: prompts longer than this are run through the KV cache in chunks of this many
+        tokens (bounds the attention's activation memory; None = the whole prompt at once).
+        Other keyword arguments go to :func:`fips_rt.runtime.session.create_session`.
         """
-        sess, info = create_session(path, threads=threads, kernel=kernel, provider=provider, spinning=spinning)
-        return cls(sess, info, name=name)
+        sess, info = create_session(path, threads=threads, kernel=kernel, provider=provider, spinning=spinning,
+                                    **session_kwargs)
+        return cls(sess, info, name=name, prefill_chunk=prefill_chunk)
 
     def _default_name(self) -> str:
         n = find_value(self.fips_config, "name", "model_name", "model_id")
@@ -547,6 +559,20 @@ class Model:
         new_cache = KVCache(list(outs[1:]), past_len + n) if cache is not None else None
         return last, new_cache
 
+    def prefill(self, ids: Sequence[int], cache: KVCache | None = None) -> tuple[np.ndarray, KVCache | None]:
+        """Run a prompt, in chunks of ``prefill_chunk`` tokens through the KV cache when it is longer.
+        Returns the last position's logits and the cache (None for a model without KV cache)."""
+        ids = list(ids)
+        if not self.has_kv_cache:
+            return self.full_logits(ids), None
+        step = self.prefill_chunk or len(ids)
+        logits = None
+        for s in range(0, len(ids), max(1, step)):
+            logits, cache = self.forward(ids[s:s + step], cache)
+        if logits is None:
+            raise FipsRuntimeError("prefill() needs at least one token")
+        return logits, cache
+
     def full_logits(self, ids: Sequence[int]) -> np.ndarray:
         """No-cache forward over the whole sequence; last position's logits (a reference for tests)."""
         return self.forward(ids, None)[0]
@@ -599,10 +625,7 @@ class Model:
             yield GenerationChunk("", [], finish)
             return
         t0 = time.perf_counter()
-        if self.has_kv_cache:
-            logits, cache = self.forward(prompt_ids, None)
-        else:
-            logits, cache = self.full_logits(prompt_ids), None
+        logits, cache = self.prefill(prompt_ids)
         t1 = time.perf_counter()
         if result is not None:
             result.prefill_s = t1 - t0

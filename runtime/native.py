@@ -22,11 +22,18 @@ The kernel splits its work over onnxruntime's own intra-op thread pool (no OpenM
 ``session.intra_op.allow_spinning`` can keep its default. Register it for CPU sessions
 only: in a CUDA session a CPU kernel forces device copies around every sparse node.
 
+float16 nodes: with the library registered, onnxruntime runs them on the float32 kernel
+through Casts it inserts (not through the node's function body; see kernels/fips_sparse.cc).
+
 Environment:
-    FIPS_RT_NO_NATIVE=1         never build or load the native library
-    FIPS_RT_CACHE=DIR           cache root (default ~/.cache/fips_rt)
-    CXX=...                     compiler to use (else c++, g++, clang++ on PATH)
-    FIPS_SPARSE_FORCE_SCALAR=1  (read by the library) use the portable scalar loops
+    FIPS_RT_NO_NATIVE=1           never build or load the native library
+    FIPS_RT_CACHE=DIR             cache root (default ~/.cache/fips_rt)
+    CXX=...                       compiler to use (else c++, g++, clang++ on PATH)
+  read by the library when it is loaded / first registered:
+    FIPS_SPARSE_FORCE_SCALAR=1    use the portable scalar loops instead of AVX2/FMA
+    FIPS_SPARSE_SERIAL=1          run the kernel on the calling thread only (no ParallelFor)
+    FIPS_SPARSE_NO_FP16_SCHEMA=1  do not declare the float16 schema (float16 nodes then fail
+                                  to load in sessions that have the library)
 """
 from __future__ import annotations
 

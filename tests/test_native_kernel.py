@@ -136,7 +136,7 @@ def test_smollm2_shapes(trans_b, tokens):
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize("tokens", [2, 3, 5, 8, 9, 70, 130])
+@pytest.mark.parametrize("tokens", [2, 3, 5, 8, 9, 15, 16, 31, 32, 33, 70, 130])
 def test_token_counts_hit_every_block_path(trans_b, tokens):
     k = 1536 if trans_b else 1024
     y, ref = run_native(1024, 1536, trans_b, (tokens, k), seed=tokens)
@@ -144,8 +144,8 @@ def test_token_counts_hit_every_block_path(trans_b, tokens):
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize("rows,cols", [(37, 45), (45, 37), (50, 301), (3, 7), (1, 1), (64, 264), (130, 520)])
-@pytest.mark.parametrize("a_shape_lead", [(1, 3), (2, 3), (4,), (1,), (9,), (0,), (2, 0)])
+@pytest.mark.parametrize("rows,cols", [(37, 45), (45, 37), (50, 301), (3, 7), (1, 1), (64, 264), (130, 520), (300, 77)])
+@pytest.mark.parametrize("a_shape_lead", [(1, 3), (2, 3), (4,), (1,), (9,), (1, 40), (0,), (2, 0)])
 def test_odd_shapes(trans_b, rows, cols, a_shape_lead):
     k = cols if trans_b else rows
     y, ref = run_native(rows, cols, trans_b, (*a_shape_lead, k), seed=rows * cols)

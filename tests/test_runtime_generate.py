@@ -46,6 +46,21 @@ def test_kv_cache_greedy_equals_full_recompute(which, dense, fips):
         assert r.token_ids == _recompute_greedy(model, r.prompt_token_ids, 24)
 
 
+def test_chunked_prefill_equals_whole_prompt(dense):
+    from fips_rt.runtime import Model
+    chunked = Model.load(tiny_lm_dir("dense", last_logits_only=True), threads=1, prefill_chunk=3)
+    whole = Model.load(tiny_lm_dir("dense", last_logits_only=True), threads=1, prefill_chunk=None)
+    ids = dense.tokenizer.encode(PROMPTS[1])
+    assert len(ids) > 6
+    a, ca = chunked.prefill(ids)
+    b, cb = whole.prefill(ids)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert ca.length == cb.length == len(ids)
+    ra = chunked.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True)
+    assert ra.token_ids == whole.generate(PROMPTS[1], max_new_tokens=12, ignore_eos=True).token_ids
+    assert ra.token_ids == _recompute_greedy(whole, ra.prompt_token_ids, 12)
+
+
 def test_kv_cache_logits_match_full_recompute(dense):
     ids = dense.tokenizer.encode(PROMPTS[1])
     logits, cache = dense.forward(ids[:3])

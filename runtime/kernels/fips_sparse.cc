@@ -24,7 +24,8 @@
 // Load it with SessionOptions.register_custom_ops_library(path) (fips_rt.runtime.native
 // builds and registers it). Work is split over onnxruntime's intra-op thread pool
 // (OrtApi::KernelContext_ParallelFor, API 17 = onnxruntime 1.17); with onnxruntime 1.16
-// the kernel runs single-threaded. No OpenMP, so allow_spinning can stay at its default.
+// the kernel runs single-threaded, as with FIPS_SPARSE_SERIAL=1. No OpenMP, so
+// session.intra_op.allow_spinning can stay at its default.
 //
 // Build (what fips_rt.runtime.native does):
 //   c++ -O3 -march=native -shared -fPIC -std=c++17 -fvisibility=hidden
@@ -104,7 +105,12 @@ struct OrtTaskRunner final : fips::TaskRunner {
   OrtKernelContext* ctx;
   OrtTaskRunner(const OrtApi* a, bool p, OrtKernelContext* c) : api(a), has_parallel_for(p), ctx(c) {}
   void run(size_t n, void (*fn)(void*, size_t), void* arg) const override {
-    if (n > 1 && has_parallel_for) {
+    // FIPS_SPARSE_SERIAL=1: run every task on the calling thread (read once).
+    static const bool serial = [] {
+      const char* e = std::getenv("FIPS_SPARSE_SERIAL");
+      return e && e[0] && e[0] != '0';
+    }();
+    if (n > 1 && has_parallel_for && !serial) {
       OrtStatus* st = api->KernelContext_ParallelFor(ctx, fn, n, 0, arg);
       if (!st) return;
       api->ReleaseStatus(st);  // not available in this build: fall through, run serially

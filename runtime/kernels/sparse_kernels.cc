@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -51,40 +50,45 @@ inline unsigned bits8(const uint8_t* mask, size_t nbytes, uint64_t p) {
   return v & 0xFFu;
 }
 
-// Fast variant when the group is byte-aligned (cols % 8 == 0): the byte itself.
+// Reader for the groups of one row (row start at bit `base`): byte loads through a row
+// pointer when rows are byte-aligned, else the straddling read.
 template <bool ALIGNED>
-inline unsigned group_bits(const uint8_t* mask, size_t nbytes, uint64_t p) {
-  if (ALIGNED) return mask[p >> 3];
-  return bits8(mask, nbytes, p);
-}
+struct RowBits {
+  const uint8_t* mask;
+  size_t nbytes;
+  uint64_t base;
+  const uint8_t* row;
+  RowBits(const uint8_t* m, size_t nb, uint64_t b) : mask(m), nbytes(nb), base(b), row(m + (b >> 3)) {}
+  // bits of columns [c, c+8); c is a multiple of 8 when ALIGNED
+  unsigned operator()(int64_t c) const { return ALIGNED ? row[c >> 3] : bits8(mask, nbytes, base + c); }
+};
 
 inline unsigned low_bits(int n) { return n >= 8 ? 0xFFu : ((1u << n) - 1u); }
 
-unsigned hw_threads() {
-  static const unsigned n = [] {
-    unsigned h = std::thread::hardware_concurrency();
-    return h == 0 ? 1u : std::min(h, 256u);
-  }();
-  return n;
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Token chunk per task for many-token products.
+// Token chunk per task (scalar path, and transB = 1 below kBigTnt).
 constexpr int64_t kTokenChunk = 64;
-// Up to this many tokens, transB = 0 uses the row-walk kernel (Y rows kept in L1).
-constexpr int64_t kSmallT = 2;
+// Kernel choice by token count T (measured on a 2-core AMD EPYC, Zen 3):
+//   transB = 0: T <= kWalkT: row walk, y += a * x, the T output rows kept in L1, rows of V
+//               split 8 ways with partial sums; T < kBigTnn: the same per block of kWalkT
+//               tokens; else the entry-list kernel over 32-token blocks (nn_big_task).
+//   transB = 1: T < kBigTnt: dot products, register block of kNTTile tokens; else the
+//               entry-list kernel (nt_big_task).
+constexpr int64_t kWalkT = 8;
+constexpr int64_t kBigTnn = 16;
+constexpr int64_t kBigTnt = 24;
 
-// Row slices for transB = 0 with few tokens: one per thread, at least 64 rows each.
-int64_t nn_row_splits(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(hw_threads()), rows / 64));
-}
+// Work splits are fixed numbers, not derived from the thread count, so the floating-point
+// summation order (and thus every output bit) is the same on every machine and for every
+// intra_op_num_threads. Several tasks per thread let onnxruntime's pool balance the load
+// when a core is busy with something else.
 
-// Rows per task for transB = 1: about 4 tasks per thread, at least 8 rows.
-int64_t nt_row_chunk(int64_t rows) {
-  int64_t rc = ceil_div(rows, 4 * static_cast<int64_t>(hw_threads()));
-  return std::max<int64_t>(8, std::min<int64_t>(rc, 256));
-}
+// Row slices (partial sums) for transB = 0 with few tokens: up to 8, >= 64 rows each.
+[[maybe_unused]] int64_t nn_row_splits(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(8, rows / 64)); }
+
+// Rows per task for transB = 1: 64 (fewer for small matrices so there are >= 8 tasks).
+int64_t nt_row_chunk(int64_t rows) { return std::max<int64_t>(8, std::min<int64_t>(64, ceil_div(rows, 8))); }
 
 // Packs a callable into the (fn, arg) pair the TaskRunner wants.
 template <class F>
@@ -194,13 +198,187 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// ---- transB = 0, few tokens: walk each row of V over one column chunk, y += a * x --------
-// The TT output rows of the chunk (<= kChunkCols floats each) stay in L1.
+// ---- many tokens: walk the kept entries, vectorize over 32 tokens --------------------
+// For many tokens each kept entry v at (r, c) is used for a block of kTB = 32 tokens at once:
+// broadcast v, multiply by the 32 token values of the matching input column and add into
+// the 32 accumulators of the output row. Inputs are first transposed to "token-minor"
+// blocks (AT[k * 32 + j] = A[t0 + j, k]) so those 32 values are 4 contiguous vectors.
+// The kept entries of a row are listed by decode_cols: per mask group, the positions of its
+// set bits (compress table) plus the group's column are stored at the running count, which
+// then advances by popcount(m) -- a short int32 list per row, rebuilt per token block, never
+// stored with the weight.
+constexpr int kTB = 32;
+constexpr int kTBShift = 5;  // log2(kTB)
+
+// Compress table: lane k = column (0..7) of the k-th set bit of m.
+struct CompressLut {
+  alignas(64) int8_t pos[256][8];
+  CompressLut() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j)
+        if ((m >> j) & 1) pos[m][k++] = static_cast<int8_t>(j);
+      for (; k < 8; ++k) pos[m][k] = 0;
+    }
+  }
+};
+const CompressLut g_cmp;
+
+// Columns of the kept entries of the row starting at bit `base`, restricted to [c0, c1),
+// as offsets (c - c0) * kTB into a transposed block; returns their number. Each group
+// stores 8 lanes at idx + k (the lanes past its popcount are overwritten by the next
+// group), so idx needs c1 - c0 + 8 slots.
+template <bool ALIGNED>
+inline int decode_cols(const uint8_t* mask, size_t nbytes, uint64_t base, int64_t c0, int64_t c1, int32_t* idx) {
+  int k = 0;
+  const RowBits<ALIGNED> bits(mask, nbytes, base);
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    const unsigned m = bits(c);
+    const __m256i pos = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g_cmp.pos[m])));
+    const __m256i col = _mm256_add_epi32(pos, _mm256_set1_epi32(static_cast<int32_t>(c - c0)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + k), _mm256_slli_epi32(col, kTBShift));
+    k += popcnt32(m);
+  }
+  if (c < c1) {
+    const unsigned m = bits8(mask, nbytes, base + c) & low_bits(static_cast<int>(c1 - c));
+    const __m256i pos = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g_cmp.pos[m])));
+    const __m256i col = _mm256_add_epi32(pos, _mm256_set1_epi32(static_cast<int32_t>(c - c0)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + k), _mm256_slli_epi32(col, kTBShift));
+    k += popcnt32(m);
+  }
+  return k;
+}
+
+// AT[k * kTB + j] = A[(t0 + j) * lda + k] for k < width, j < nt; 0 for nt <= j < kTB.
+void transpose_block(const float* A, int64_t lda, int64_t width, int64_t t0, int nt, float* AT) {
+  if (nt < kTB) std::fill(AT, AT + width * kTB, 0.0f);
+  for (int j = 0; j < nt; ++j) {
+    const float* src = A + (t0 + j) * lda;
+    for (int64_t k = 0; k < width; ++k) AT[k * kTB + j] = src[k];
+  }
+}
+
+struct BigScratch {
+  std::vector<float> at, yt;
+  std::vector<int32_t> idx;
+  std::vector<int64_t> ptr;
+};
+BigScratch& big_scratch() {
+  thread_local BigScratch s;
+  return s;
+}
+
+// transB = 1: rows [r0, r1) of Y for tokens [t0, t0 + nt). The columns are walked in chunks
+// of kChunkCols so the transposed slice of A (kChunkCols x 32 floats = 16 KiB) stays in L1;
+// per-row partial sums (32 floats per row) carry over from chunk to chunk.
+template <bool ALIGNED>
+void nt_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t r0, int64_t r1, int64_t t0, int nt) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, cols = t.cols, nr = r1 - r0;
+  BigScratch& sc = big_scratch();
+  sc.at.resize(static_cast<size_t>(kChunkCols * kTB));
+  sc.yt.assign(static_cast<size_t>(nr * kTB), 0.0f);
+  sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
+  sc.ptr.resize(static_cast<size_t>(nr));
+  float* AT = sc.at.data();
+  float* acc_rows = sc.yt.data();
+  int32_t* idx = sc.idx.data();
+  int64_t* ptr = sc.ptr.data();
+  for (int64_t i = 0; i < nr; ++i) ptr[i] = t.row_off[r0 + i];
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunkCols) {
+    const int64_t c1 = std::min(c0 + kChunkCols, cols);
+    transpose_block(A + c0, cols, c1 - c0, t0, nt, AT);
+    for (int64_t i = 0; i < nr; ++i) {
+      const uint64_t base = static_cast<uint64_t>(r0 + i) * cols;
+      const int n = decode_cols<ALIGNED>(V.mask, V.mask_bytes, base, c0, c1, idx);
+      if (n == 0) continue;
+      const float* v = V.values + ptr[i];
+      ptr[i] += n;
+      float* out = acc_rows + i * kTB;
+      // two accumulator sets (even / odd entries) keep two FMA chains in flight
+      __m256 a0 = _mm256_loadu_ps(out), a1 = _mm256_loadu_ps(out + 8), a2 = _mm256_loadu_ps(out + 16),
+             a3 = _mm256_loadu_ps(out + 24);
+      __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+      int k = 0;
+      for (; k + 2 <= n; k += 2) {
+        const float* p = AT + idx[k];
+        const float* q = AT + idx[k + 1];
+        const __m256 w = _mm256_broadcast_ss(v + k), u = _mm256_broadcast_ss(v + k + 1);
+        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p), a0);
+        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8), a1);
+        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 16), a2);
+        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 24), a3);
+        b0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(q), b0);
+        b1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(q + 8), b1);
+        b2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(q + 16), b2);
+        b3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(q + 24), b3);
+      }
+      if (k < n) {
+        const float* p = AT + idx[k];
+        const __m256 w = _mm256_broadcast_ss(v + k);
+        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p), a0);
+        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8), a1);
+        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 16), a2);
+        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 24), a3);
+      }
+      _mm256_storeu_ps(out, _mm256_add_ps(a0, b0));
+      _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));
+      _mm256_storeu_ps(out + 16, _mm256_add_ps(a2, b2));
+      _mm256_storeu_ps(out + 24, _mm256_add_ps(a3, b3));
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i)
+    for (int j = 0; j < nt; ++j) Y[(t0 + j) * rows + r0 + i] = acc_rows[i * kTB + j];
+}
+
+// transB = 0: columns [c0, c1) (chunk j) of Y for tokens [t0, t0 + nt). YT[(c - c0) * kTB + jj]
+// accumulates A[t0 + jj, r] * V[r, c] over the rows r in storage order.
+template <bool ALIGNED>
+void nn_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t j, int64_t t0, int nt) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, cols = t.cols, nch = t.nchunks;
+  const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols), w = c1 - c0;
+  BigScratch& sc = big_scratch();
+  sc.at.resize(static_cast<size_t>(rows * kTB));
+  sc.yt.resize(static_cast<size_t>(kChunkCols * kTB));
+  sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
+  float* AT = sc.at.data();
+  float* YT = sc.yt.data();
+  int32_t* idx = sc.idx.data();
+  transpose_block(A, rows, rows, t0, nt, AT);
+  std::fill(YT, YT + w * kTB, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int n = decode_cols<ALIGNED>(V.mask, V.mask_bytes, static_cast<uint64_t>(r) * cols, c0, c1, idx);
+    if (n == 0) continue;
+    const float* v = V.values + t.row_off[r] + t.chunk_off[r * nch + j];
+    const float* a = AT + r * kTB;
+    const __m256 x0 = _mm256_loadu_ps(a), x1 = _mm256_loadu_ps(a + 8), x2 = _mm256_loadu_ps(a + 16),
+                 x3 = _mm256_loadu_ps(a + 24);
+    for (int k = 0; k < n; ++k) {
+      float* y = YT + idx[k];
+      const __m256 wv = _mm256_broadcast_ss(v + k);
+      _mm256_storeu_ps(y, _mm256_fmadd_ps(wv, x0, _mm256_loadu_ps(y)));
+      _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(wv, x1, _mm256_loadu_ps(y + 8)));
+      _mm256_storeu_ps(y + 16, _mm256_fmadd_ps(wv, x2, _mm256_loadu_ps(y + 16)));
+      _mm256_storeu_ps(y + 24, _mm256_fmadd_ps(wv, x3, _mm256_loadu_ps(y + 24)));
+    }
+  }
+  for (int jj = 0; jj < nt; ++jj) {
+    float* y = Y + (t0 + jj) * cols + c0;
+    for (int64_t i = 0; i < w; ++i) y[i] = YT[i * kTB + jj];
+  }
+}
+
+// ---- transB = 0, few tokens: walk the rows of V, y += a * x ------------------------------
+// Each row r adds A[t, r] * V[r, :] to the TT output rows (TT <= 8 rows of `cols` floats,
+// L1/L2 resident); x is one expanded group, reused for the TT tokens.
 template <int TT, bool ALIGNED, bool SAFE>
 inline void nn_row(const uint8_t* mask, size_t nbytes, uint64_t base, const float* v,
                    const __m256* a, float* Y, int64_t ldy, int64_t c0, int64_t cfull, int ntail) {
+  const RowBits<ALIGNED> bits(mask, nbytes, base);
   for (int64_t c = c0; c < cfull; c += 8) {
-    const unsigned m = group_bits<ALIGNED>(mask, nbytes, base + c);
+    const unsigned m = bits(c);
     const __m256 x = expand8(load_vals<SAFE>(v, m), m);
     v += popcnt32(m);
     for (int tt = 0; tt < TT; ++tt) {
@@ -219,19 +397,20 @@ inline void nn_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
   }
 }
 
-// Four rows at a time (full groups, rows < fast_rows): one load/store of y per group for
-// four expanded groups instead of one, y += a0*x0 + a1*x1 + a2*x2 + a3*x3 (summed in row
-// order, so the result is the same as four single-row passes up to FMA contraction).
-template <int TT, bool ALIGNED>
+// Four byte-aligned rows at a time (full groups, rows < fast_rows): one load/store of y per
+// group for four expanded groups instead of one, y += a0*x0 + a1*x1 + a2*x2 + a3*x3 (summed
+// in row order).
+template <int TT>
 inline void nn_row4(const uint8_t* mask, uint64_t base, uint64_t row_bits, const float* v0,
                     const float* v1, const float* v2, const float* v3, const __m256 (*a)[4], float* Y,
                     int64_t ldy, int64_t c0, int64_t cfull) {
+  const uint8_t* mk0 = mask + (base >> 3);
+  const uint8_t* mk1 = mask + ((base + row_bits) >> 3);
+  const uint8_t* mk2 = mask + ((base + 2 * row_bits) >> 3);
+  const uint8_t* mk3 = mask + ((base + 3 * row_bits) >> 3);
   for (int64_t c = c0; c < cfull; c += 8) {
-    const uint64_t p = base + c;
-    const unsigned m0 = group_bits<ALIGNED>(mask, 0, p);
-    const unsigned m1 = group_bits<ALIGNED>(mask, 0, p + row_bits);
-    const unsigned m2 = group_bits<ALIGNED>(mask, 0, p + 2 * row_bits);
-    const unsigned m3 = group_bits<ALIGNED>(mask, 0, p + 3 * row_bits);
+    const int64_t b = c >> 3;
+    const unsigned m0 = mk0[b], m1 = mk1[b], m2 = mk2[b], m3 = mk3[b];
     const __m256 x0 = expand8(_mm256_loadu_ps(v0), m0);
     const __m256 x1 = expand8(_mm256_loadu_ps(v1), m1);
     const __m256 x2 = expand8(_mm256_loadu_ps(v2), m2);
@@ -263,13 +442,13 @@ void nn_small_rows(const SparseMatrix& V, const float* A, float* P, int64_t r0, 
   int64_t r = r0;
   // The 4-row loop reads whole mask bytes, so it needs byte-aligned rows (cols % 8 == 0);
   // other rows, the tail rows near the end of `values`, and odd shapes go row by row.
-  if (ALIGNED) {
+  if constexpr (ALIGNED) {
     const int64_t r4_end = std::min(r1, t.fast_rows);
     for (; r + 4 <= r4_end; r += 4) {
       __m256 a[TT][4];
       for (int i = 0; i < 4; ++i)
         for (int tt = 0; tt < TT; ++tt) a[tt][i] = _mm256_set1_ps(A[tt * rows + r + i]);
-      nn_row4<TT, ALIGNED>(V.mask, static_cast<uint64_t>(r) * cols, static_cast<uint64_t>(cols),
+      nn_row4<TT>(V.mask, static_cast<uint64_t>(r) * cols, static_cast<uint64_t>(cols),
                            V.values + t.row_off[r], V.values + t.row_off[r + 1], V.values + t.row_off[r + 2],
                            V.values + t.row_off[r + 3], a, P, cols, 0, cfull);
     }
@@ -286,85 +465,24 @@ void nn_small_rows(const SparseMatrix& V, const float* A, float* P, int64_t r0, 
   }
 }
 
-// ---- transB = 0, many tokens: register tile of TB tokens x 8 columns -----------------
-// acc[tt] = Y[tt, c:c+8] accumulates a(tt, r) * x(r) over all rows r; x(r) is the expanded
-// group of row r at column c, found through ptr[r] (values offset of row r at column c).
-template <int TB, bool ALIGNED, bool SAFE>
-inline void nn_tile_rows(const SparseMatrix& V, const float* A, int64_t lda, int64_t r0, int64_t r1,
-                         uint64_t c, unsigned lowm, const int64_t* ptr, __m256* acc) {
-  const int64_t cols = V.t->cols;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint64_t p = static_cast<uint64_t>(r) * cols + c;
-    const unsigned m = (ALIGNED ? V.mask[p >> 3] : bits8(V.mask, V.mask_bytes, p)) & lowm;
-    const __m256 x = expand8(load_vals<SAFE>(V.values + ptr[r], m), m);
-    for (int tt = 0; tt < TB; ++tt)
-      acc[tt] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + tt * lda + r), x, acc[tt]);
-  }
-}
-
-template <int TB, bool ALIGNED>
-void nn_tile(const SparseMatrix& V, const float* A, float* Y, int64_t c, int n, const int64_t* ptr) {
-  const MaskTables& t = *V.t;
-  const int64_t rows = t.rows, cols = t.cols;
-  __m256 acc[TB];
-  for (int tt = 0; tt < TB; ++tt) acc[tt] = _mm256_setzero_ps();
-  const unsigned lowm = low_bits(n);
-  // ALIGNED here also needs a full group (n == 8) so the byte holds only this group's bits.
-  if (n == 8) {
-    nn_tile_rows<TB, ALIGNED, false>(V, A, rows, 0, t.fast_rows, c, lowm, ptr, acc);
-    nn_tile_rows<TB, ALIGNED, true>(V, A, rows, t.fast_rows, rows, c, lowm, ptr, acc);
-    for (int tt = 0; tt < TB; ++tt) _mm256_storeu_ps(Y + tt * cols + c, acc[tt]);
-  } else {
-    nn_tile_rows<TB, false, true>(V, A, rows, 0, rows, c, lowm, ptr, acc);
-    const __m256i lanes = lanes_lt(n);
-    for (int tt = 0; tt < TB; ++tt) _mm256_maskstore_ps(Y + tt * cols + c, lanes, acc[tt]);
-  }
-}
-
-constexpr int kNNTile = 8;  // tokens per register tile (transB = 0)
-
 template <bool ALIGNED>
-void nn_tile_dispatch(int nb, const SparseMatrix& V, const float* A, float* Y, int64_t c, int n,
-                      const int64_t* ptr) {
-  switch (nb) {
-    case 1: nn_tile<1, ALIGNED>(V, A, Y, c, n, ptr); break;
-    case 2: nn_tile<2, ALIGNED>(V, A, Y, c, n, ptr); break;
-    case 3: nn_tile<3, ALIGNED>(V, A, Y, c, n, ptr); break;
-    case 4: nn_tile<4, ALIGNED>(V, A, Y, c, n, ptr); break;
-    case 5: nn_tile<5, ALIGNED>(V, A, Y, c, n, ptr); break;
-    case 6: nn_tile<6, ALIGNED>(V, A, Y, c, n, ptr); break;
-    case 7: nn_tile<7, ALIGNED>(V, A, Y, c, n, ptr); break;
-    default: nn_tile<8, ALIGNED>(V, A, Y, c, n, ptr); break;
-  }
-}
-
-template <bool ALIGNED>
-void nn_large_task(const SparseMatrix& V, const float* A, int64_t T, float* Y, int64_t j, int64_t tk) {
-  const MaskTables& t = *V.t;
-  const int64_t rows = t.rows, cols = t.cols, nch = t.nchunks;
-  const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols);
-  const int64_t t0 = tk * kTokenChunk, t1 = std::min(t0 + kTokenChunk, T);
-  // ptr[r]: values offset of row r at the current column; advanced group by group.
-  thread_local std::vector<int64_t> ptr_buf;
-  ptr_buf.resize(static_cast<size_t>(rows));
-  int64_t* ptr = ptr_buf.data();
-  for (int64_t r = 0; r < rows; ++r) ptr[r] = t.row_off[r] + t.chunk_off[r * nch + j];
-  for (int64_t c = c0; c < c1; c += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, c1 - c));
-    for (int64_t tb = t0; tb < t1; tb += kNNTile) {
-      const int nb = static_cast<int>(std::min<int64_t>(kNNTile, t1 - tb));
-      nn_tile_dispatch<ALIGNED>(nb, V, A + tb * rows, Y + tb * cols, c, n, ptr);
-    }
-    const unsigned lowm = low_bits(n);
-    for (int64_t r = 0; r < rows; ++r)
-      ptr[r] += popcnt32(bits8(V.mask, V.mask_bytes, static_cast<uint64_t>(r) * cols + c) & lowm);
+void nn_walk_dispatch(int64_t tt, const SparseMatrix& V, const float* A, float* P, int64_t r0, int64_t r1) {
+  switch (tt) {
+    case 1: nn_small_rows<1, ALIGNED>(V, A, P, r0, r1); break;
+    case 2: nn_small_rows<2, ALIGNED>(V, A, P, r0, r1); break;
+    case 3: nn_small_rows<3, ALIGNED>(V, A, P, r0, r1); break;
+    case 4: nn_small_rows<4, ALIGNED>(V, A, P, r0, r1); break;
+    case 5: nn_small_rows<5, ALIGNED>(V, A, P, r0, r1); break;
+    case 6: nn_small_rows<6, ALIGNED>(V, A, P, r0, r1); break;
+    case 7: nn_small_rows<7, ALIGNED>(V, A, P, r0, r1); break;
+    default: nn_small_rows<8, ALIGNED>(V, A, P, r0, r1); break;
   }
 }
 
 template <bool ALIGNED>
 void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   const int64_t rows = V.t->rows, cols = V.t->cols, nch = V.t->nchunks;
-  if (T <= kSmallT) {
+  if (T <= kWalkT) {
     // Split the rows of V (the reduction dimension) into nsplit slices, each summed into its
     // own partial output, then add the partials in slice order: sequential streaming of
     // values/mask, and the result does not depend on which thread ran which slice.
@@ -374,8 +492,7 @@ void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
     run_tasks(runner, static_cast<size_t>(nsplit), [&](size_t i) {
       const int64_t r0 = static_cast<int64_t>(i) * per, r1 = std::min(r0 + per, rows);
       float* P = i == 0 ? Y : partial.data() + (i - 1) * T * cols;
-      if (T == 1) nn_small_rows<1, ALIGNED>(V, A, P, r0, r1);
-      else nn_small_rows<2, ALIGNED>(V, A, P, r0, r1);
+      nn_walk_dispatch<ALIGNED>(T, V, A, P, r0, r1);
     });
     const int64_t n = T * cols;
     for (int64_t i = 1; i < nsplit; ++i) {
@@ -384,13 +501,19 @@ void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
       for (; k + 8 <= n; k += 8) _mm256_storeu_ps(Y + k, _mm256_add_ps(_mm256_loadu_ps(Y + k), _mm256_loadu_ps(P + k)));
       for (; k < n; ++k) Y[k] += P[k];
     }
-    return;
+  } else if (T < kBigTnn) {
+    // One task per block of kWalkT tokens, each walking all rows of V.
+    run_tasks(runner, static_cast<size_t>(ceil_div(T, kWalkT)), [&](size_t b) {
+      const int64_t t0 = static_cast<int64_t>(b) * kWalkT;
+      nn_walk_dispatch<ALIGNED>(std::min(kWalkT, T - t0), V, A + t0 * rows, Y + t0 * cols, 0, rows);
+    });
+  } else {
+    const int64_t nblk = ceil_div(T, kTB);
+    run_tasks(runner, static_cast<size_t>(nch * nblk), [&](size_t task) {
+      const int64_t j = static_cast<int64_t>(task) % nch, b = static_cast<int64_t>(task) / nch;
+      nn_big_task<ALIGNED>(V, A, Y, j, b * kTB, static_cast<int>(std::min<int64_t>(kTB, T - b * kTB)));
+    });
   }
-  const int64_t ntok = ceil_div(T, kTokenChunk);
-  run_tasks(runner, static_cast<size_t>(nch * ntok), [&](size_t task) {
-    const int64_t j = static_cast<int64_t>(task) % nch, tk = static_cast<int64_t>(task) / nch;
-    nn_large_task<ALIGNED>(V, A, T, Y, j, tk);
-  });
 }
 
 // ---- transB = 1: dot products of rows of V with TB token rows of A --------------------
@@ -403,10 +526,11 @@ inline void nt_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
   for (int u = 0; u < U; ++u)
     for (int tt = 0; tt < TB; ++tt) acc[u][tt] = _mm256_setzero_ps();
   const int64_t cfull = cols & ~int64_t(7);
+  const RowBits<ALIGNED> bits(mask, nbytes, base);
   int64_t c = 0;
   for (; c + 8 * U <= cfull; c += 8 * U) {
     for (int u = 0; u < U; ++u) {
-      const unsigned m = group_bits<ALIGNED>(mask, nbytes, base + c + 8 * u);
+      const unsigned m = bits(c + 8 * u);
       const __m256 x = expand8(load_vals<SAFE>(v, m), m);
       v += popcnt32(m);
       for (int tt = 0; tt < TB; ++tt)
@@ -414,7 +538,7 @@ inline void nt_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
     }
   }
   for (; c < cfull; c += 8) {
-    const unsigned m = group_bits<ALIGNED>(mask, nbytes, base + c);
+    const unsigned m = bits(c);
     const __m256 x = expand8(load_vals<SAFE>(v, m), m);
     v += popcnt32(m);
     for (int tt = 0; tt < TB; ++tt)
@@ -435,7 +559,7 @@ inline void nt_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
   }
 }
 
-constexpr int kNTTile = 4;  // tokens per register block (transB = 1)
+constexpr int kNTTile = 4;  // tokens per register block (transB = 1, T < kBigTnt)
 
 template <int TB, bool ALIGNED>
 void nt_rows(const SparseMatrix& V, const float* A, float* Y, int64_t r0, int64_t r1) {
@@ -455,6 +579,16 @@ void nt_rows(const SparseMatrix& V, const float* A, float* Y, int64_t r0, int64_
 template <bool ALIGNED>
 void nt_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   const int64_t rows = V.t->rows, cols = V.t->cols;
+  if (T >= kBigTnt) {
+    const int64_t rcb = 256;  // rows per task: the transposed token block is reused for them
+    const int64_t nrc = ceil_div(rows, rcb), nblk = ceil_div(T, kTB);
+    run_tasks(runner, static_cast<size_t>(nrc * nblk), [&](size_t task) {
+      const int64_t i = static_cast<int64_t>(task) % nrc, b = static_cast<int64_t>(task) / nrc;
+      nt_big_task<ALIGNED>(V, A, Y, i * rcb, std::min(rows, (i + 1) * rcb), b * kTB,
+                           static_cast<int>(std::min<int64_t>(kTB, T - b * kTB)));
+    });
+    return;
+  }
   const int64_t rc = nt_row_chunk(rows);
   const int64_t nrc = ceil_div(rows, rc), ntok = ceil_div(T, kTokenChunk);
   run_tasks(runner, static_cast<size_t>(nrc * ntok), [&](size_t task) {
@@ -474,6 +608,7 @@ void nt_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
     }
   });
 }
+
 #endif  // FIPS_HAVE_AVX2
 
 }  // namespace

