@@ -75,6 +75,7 @@ def main() -> int:
     ap.add_argument("--decode-context", type=int, default=64)
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternate the two models this many times")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--spinning", default="off")
@@ -89,7 +90,7 @@ def main() -> int:
            "--plot", str(res / f"{a.name}.png"), "--prompt-lengths", a.prompt_lengths,
            "--decode-tokens", str(a.decode_tokens), "--decode-context", str(a.decode_context),
            "--repetitions", str(a.repetitions), "--warmup", str(a.warmup), "--kernel", a.kernel,
-           "--spinning", a.spinning]
+           "--spinning", a.spinning, "--rounds", str(a.rounds)]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     log("running: " + " ".join(cmd))

@@ -22,7 +22,7 @@ from fips_rt.errors import FipsError
 
 from .report import ExportReport
 from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE
-from .writer import data_file_name, write_export
+from .writer import AUTO_EXTERNAL_BYTES, data_file_name, write_export
 
 DTYPES = ("fp32", "fp16")
 MIN_OPSET = 17
@@ -39,33 +39,33 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _resolve(model, checkpoint: str | None):
-    """-> (LoadedModel, input paths that must not be overwritten)."""
-    from fips_rt.models import LoadedModel
+def _input_paths(model, checkpoint: str | None) -> list[Path]:
+    """The files or folders an export reads (never to be overwritten by it)."""
+    paths = [Path(checkpoint)] if checkpoint else []
+    if isinstance(model, (str, os.PathLike)):
+        paths.append(Path(model))
+    return paths
+
+
+def _load(model, checkpoint: str | None):
+    """A LoadedModel from whatever ``export`` was given."""
+    from fips_rt.models import LoadedModel, load_model
     if isinstance(model, LoadedModel):
-        return model, []
+        return model
     if hasattr(model, "named_modules") and hasattr(model, "forward"):  # a bare nn.Module
         from fips_rt.adapters import adapter_for
         return LoadedModel(model=model.eval(), tokenizer=None, adapter=adapter_for(model), source={},
-                           name=type(model).__name__), []
+                           name=type(model).__name__)
     if not isinstance(model, (str, os.PathLike)):
         raise FipsError(f"Cannot export a {type(model).__name__}: give a model spec, a checkpoint path, "
                         f"a LoadedModel or an nn.Module.")
-    spec = str(model)
-    p = Path(spec)
-    inputs = [p] + ([Path(checkpoint)] if checkpoint else [])
-    return (spec, p), inputs
-
-
-def _load(spec_and_path, checkpoint: str | None):
-    spec, p = spec_and_path
-    if p.suffix == ".pt" or (p.is_file() and p.suffix not in (".gguf",)):
+    p = Path(model)
+    if p.suffix == ".pt" or (p.is_file() and p.suffix != ".gguf"):
         if not p.is_file():
-            raise FipsError(f"Checkpoint not found: {spec}")
+            raise FipsError(f"Checkpoint not found: {model}")
         from fips_rt.checkpoint import load_checkpoint
         return load_checkpoint(p)
-    from fips_rt.models import load_model
-    return load_model(spec, checkpoint=checkpoint)
+    return load_model(str(model), checkpoint=checkpoint)
 
 
 def _check_output(out: Path, inputs: list[Path]) -> None:
@@ -154,6 +154,40 @@ def _bytes_by_tag(proto: onnx.ModelProto, tags: dict[str, str]) -> dict[str, int
     return dict(out)
 
 
+def _config_json(proto, config, lm, out: Path, method: str, audit: dict, external: bool) -> dict:
+    """The ``fips_config.json`` record (schema in docs/export.md)."""
+    def io(values):
+        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_file": out.name, "external_data": data_file_name(out) if external else None,
+        "kind": config.kind, "family": config.family, "architecture": type(lm.model).__name__,
+        "model_type": getattr(getattr(lm.model, "config", None), "model_type", None),
+        "name": lm.name, "method": method, "dtype": config.dtype, "opset": config.opset,
+        "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
+        "sparse_op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": DOMAIN_VERSION,
+                      "nodes": audit["sparse_nodes"], "bases": len(audit["bases"])},
+        **config.config_json(),
+        "exporter": _versions(),
+    }
+
+
+def _validate(path: Path, config) -> list:
+    """Run the written file in onnxruntime (CPU, the function-body path) against PyTorch."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - e.g. an opset newer than this onnxruntime
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FipsError(f"onnxruntime {ort.__version__} cannot load the exported {path.name} "
+                        f"(opset {config.opset}): {first}") from None
+    return config.validate(session)
+
+
 # ---------------------------------------------------------------------- entry point
 def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset: int = 18,
            last_logits_only: bool = False, verify: bool = True, external_data: bool | None = None,
@@ -178,9 +212,8 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
     if not MIN_OPSET <= int(opset) <= max_opset:
         raise FipsError(f"opset must lie between {MIN_OPSET} and {max_opset} (got {opset}).")
     out = Path(output_path)
-    resolved, inputs = _resolve(model, checkpoint)
-    _check_output(out, inputs)
-    lm = _load(resolved, checkpoint) if isinstance(resolved, tuple) else resolved
+    _check_output(out, _input_paths(model, checkpoint))
+    lm = _load(model, checkpoint)
     from .configs import config_for
     cfg_cls = config_for(lm)
     config = cfg_cls(lm, dtype=dtype, opset=int(opset), last_logits_only=last_logits_only)
@@ -195,25 +228,18 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
     audit = audit_graph(proto)
     bytes_by_tag = _bytes_by_tag(proto, tags)
     init_bytes = sum(bytes_by_tag.values())
-    def io(values):
-        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
-
-    will_external = external_data if external_data is not None else init_bytes > 1_800_000_000
-    side = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model_file": out.name, "external_data": data_file_name(out) if will_external else None,
-        "kind": config.kind, "family": cfg_cls.family, "architecture": type(lm.model).__name__,
-        "model_type": getattr(getattr(lm.model, "config", None), "model_type", None),
-        "name": lm.name, "method": method, "dtype": dtype, "opset": int(opset),
-        "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
-        "sparse_op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": DOMAIN_VERSION,
-                      "nodes": audit["sparse_nodes"], "bases": len(audit["bases"])},
-        **config.config_json(),
-        "exporter": _versions(),
-    }
+    will_external = external_data if external_data is not None else init_bytes > AUTO_EXTERNAL_BYTES
+    side = _config_json(proto, config, lm, out, method, audit, will_external)
     sidecars = _tokenizer_files(lm.tokenizer)
     sidecars[CONFIG_FILE] = (json.dumps(side, indent=2, default=str) + "\n").encode()
+    previous = out.parent / CONFIG_FILE
+    if previous.is_file():
+        try:
+            other = json.loads(previous.read_text()).get("model_file")
+        except (OSError, ValueError):
+            other = None
+        if other and other != out.name:
+            say(f"note: {previous} described {other}; it now describes {out.name} (one export per folder)")
     say(f"writing {out}")
     written = write_export(proto, out, external_data=will_external, sidecars=sidecars)
     del proto
@@ -224,13 +250,8 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
                           audit=audit)
     if verify:
         say("checking parity with PyTorch in onnxruntime (CPU)")
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        session = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
-        report.checks = config.validate(session)
+        report.checks = _validate(out, config)
         report.verified = True
-        del session
     report.seconds = {"build": round(t_build - t0, 2), "write": round(t_write - t_build, 2),
                       "verify": round(time.time() - t_write, 2)}
     return report

@@ -179,8 +179,9 @@ def build_causal_lm(b: GraphBuilder, model, *, family: str, last_logits_only: bo
                              offset_one=True)
         h = b.op("Add", [h, m])
 
-    with b.scope("lm_head", tag="lm_head"):
+    with b.scope("model.norm", tag="norm"):
         h = rms_norm(b, h, model.model.norm.weight, eps, "model.norm", offset_one=gemma)
+    with b.scope("lm_head", tag="lm_head"):
         if last_logits_only:
             h3 = b.op("Reshape", [h, b.op("Concat", [bs_shape, b.i64([d])], axis=0)])
             h = b.op("Reshape", [b.op("Slice", [h3, b.i64([-1]), b.i64([INT64_MAX]), b.i64([1])]), b.i64([-1, d])])

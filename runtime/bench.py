@@ -100,9 +100,14 @@ class ModelBench:
     prefill: dict[str, Stats] = field(default_factory=dict)          # key: prompt length (tokens)
     prefill_tokens_per_s: dict[str, float] = field(default_factory=dict)
     skipped_prefill_lengths: list[int] = field(default_factory=list)
-    decode: Stats | None = None             # per-token decode latency
+    decode: Stats | None = None             # per-token decode latency (wall clock)
+    decode_cpu: Stats | None = None         # per-token process CPU time (all threads): robust to a busy machine
     decode_tokens_per_s: float | None = None
     decode_context: int | None = None
+    rss_trace_mb: dict[str, float] = field(default_factory=dict)  # model RSS after each phase
+    torch_imported: bool | None = None      # must stay False: the runtime is torch-free
+    rounds: int = 1                         # fresh processes whose samples were pooled (scalars: median)
+    loadavg: list[float] = field(default_factory=list)  # 1-min system load at the start of each process
     worker_wall_s: float | None = None
 
     @classmethod
@@ -110,6 +115,7 @@ class ModelBench:
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         kw["prefill"] = {k: Stats.from_dict(v) for k, v in (d.get("prefill") or {}).items()}
         kw["decode"] = Stats.from_dict(d.get("decode"))
+        kw["decode_cpu"] = Stats.from_dict(d.get("decode_cpu"))
         return cls(**kw)
 
 
@@ -157,6 +163,7 @@ def compute_ratios(c: ModelBench, b: ModelBench | None) -> dict[str, float | Non
         "decode_ms_p95": _ratio(c.decode and c.decode.p95_ms, b.decode and b.decode.p95_ms),
         "decode_ms_mean": _ratio(c.decode and c.decode.mean_ms, b.decode and b.decode.mean_ms),
         "decode_tokens_per_s": _ratio(c.decode_tokens_per_s, b.decode_tokens_per_s),
+        "decode_cpu_ms_p50": _ratio(c.decode_cpu and c.decode_cpu.p50_ms, b.decode_cpu and b.decode_cpu.p50_ms),
         "peak_rss_mb": _ratio(c.model_peak_rss_mb, b.model_peak_rss_mb),
         "rss_after_load_mb": _ratio(c.model_rss_after_load_mb, b.model_rss_after_load_mb),
         "rss_after_run_mb": _ratio(c.model_rss_after_run_mb, b.model_rss_after_run_mb),
@@ -308,6 +315,10 @@ def run_worker(spec: dict) -> dict:
         pass
 
     res = ModelBench(role=spec["role"], path=spec["path"])
+    try:
+        res.loadavg = [round(os.getloadavg()[0], 2)]
+    except (AttributeError, OSError):
+        pass
     t_start = time.perf_counter()
     mem = _Memory()
     try:
@@ -320,6 +331,7 @@ def run_worker(spec: dict) -> dict:
                            prefill_chunk=spec.get("prefill_chunk", Model.DEFAULT_PREFILL_CHUNK))
         res.load_s = time.perf_counter() - t0
         res.rss_after_load_mb = mem.rss()
+        res.rss_trace_mb["load"] = res.rss_after_load_mb - res.rss_before_mb
         res.kind, res.kernel, res.provider = model.kind, model.info.kernel, model.info.provider
         res.threads, res.spinning = model.info.threads, model.info.spinning
         rng = np.random.default_rng(spec.get("seed", 0))
@@ -350,6 +362,7 @@ def run_worker(spec: dict) -> dict:
                 st = Stats.of(timed(lambda: model.prefill(ids), warmup, reps))
                 res.prefill[str(L)] = st
                 res.prefill_tokens_per_s[str(L)] = L / (st.mean_ms / 1000.0)
+                res.rss_trace_mb[f"prefill {L}"] = mem.rss() - res.rss_before_mb
             n_dec = int(spec["decode_tokens"])
             if n_dec > 0:
                 dctx = int(spec["decode_context"])
@@ -357,22 +370,27 @@ def run_worker(spec: dict) -> dict:
                     dctx = max(1, min(dctx, ctx - n_dec))
                 res.decode_context = dctx
                 samples: list[float] = []
+                cpu_samples: list[float] = []
 
                 def decode_run(keep: bool):
                     ids = rand_ids(dctx)
                     logits, cache = model.prefill(ids)
                     for _ in range(n_dec):
                         tok = int(np.argmax(logits))
+                        c = time.process_time()
                         t = time.perf_counter()
                         logits, cache = model.forward([tok], cache)
                         if keep:
                             samples.append((time.perf_counter() - t) * 1000.0)
+                            cpu_samples.append((time.process_time() - c) * 1000.0)
                 for _ in range(warmup):
                     decode_run(False)
                 for _ in range(reps):
                     decode_run(True)
                 res.decode = Stats.of(samples)
+                res.decode_cpu = Stats.of(cpu_samples)
                 res.decode_tokens_per_s = 1000.0 / res.decode.mean_ms
+                res.rss_trace_mb["decode"] = mem.rss() - res.rss_before_mb
         elif model.kind == "encoder":
             seq_limit = model.max_positions or 512
             vocab = model.tokenizer.vocab_size
@@ -396,6 +414,7 @@ def run_worker(spec: dict) -> dict:
         res.model_rss_after_load_mb = res.rss_after_load_mb - res.rss_before_mb
         res.model_rss_after_run_mb = res.rss_after_run_mb - res.rss_before_mb
         res.model_peak_rss_mb = res.peak_rss_mb - res.rss_before_mb
+        res.torch_imported = "torch" in sys.modules
         res.ok = True
     except Exception as e:  # reported to the parent, which exits non-zero
         import traceback
@@ -460,22 +479,63 @@ def run_model_in_subprocess(spec: dict, timeout: float | None = None) -> ModelBe
     return mb
 
 
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def merge_rounds(runs: list[ModelBench]) -> ModelBench:
+    """Pool the samples of several fresh-process runs of one model (scalars: the median over runs)."""
+    if len(runs) == 1:
+        return runs[0]
+    failed = [r for r in runs if not r.ok]
+    if failed:
+        return failed[0]
+    m = ModelBench.from_dict(asdict(runs[0]))
+    for name in ("load_s", "rss_before_mb", "rss_after_load_mb", "rss_after_run_mb", "peak_rss_mb",
+                 "model_rss_after_load_mb", "model_rss_after_run_mb", "model_peak_rss_mb", "worker_wall_s"):
+        setattr(m, name, _median([getattr(r, name) for r in runs]))
+    for k in m.prefill:
+        m.prefill[k] = Stats.of([x for r in runs for x in r.prefill[k].samples_ms])
+        length = 1.0 if k == "image" else float(k)
+        m.prefill_tokens_per_s[k] = length / (m.prefill[k].mean_ms / 1000.0)
+    if m.decode is not None:
+        m.decode = Stats.of([x for r in runs for x in r.decode.samples_ms])
+        m.decode_tokens_per_s = 1000.0 / m.decode.mean_ms
+    if m.decode_cpu is not None:
+        m.decode_cpu = Stats.of([x for r in runs for x in r.decode_cpu.samples_ms])
+    m.rss_trace_mb = {k: _median([r.rss_trace_mb.get(k) for r in runs]) for k in m.rss_trace_mb}
+    m.torch_imported = any(r.torch_imported for r in runs)
+    m.rounds = len(runs)
+    m.loadavg = [x for r in runs for x in r.loadavg]
+    return m
+
+
 def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64, 512), decode_tokens: int = 32,
               decode_context: int = 64, repetitions: int = 5, warmup: int = 1, threads: int | None = None,
               kernel: str = "auto", spinning: str = "off", prefill_chunk: int | None = 512, seed: int = 0,
-              timeout: float | None = 3600, log=None) -> BenchResult:
-    """Benchmark ``model`` (and ``baseline``), each in a fresh process with identical settings."""
+              rounds: int = 1, timeout: float | None = 3600, log=None) -> BenchResult:
+    """Benchmark ``model`` (and ``baseline``), each in a fresh process with identical settings.
+
+    ``rounds`` > 1 alternates the two models (compressed, baseline, compressed, ...), each time in a fresh
+    process, and pools the samples, so that a change of background load hits both alike.
+    """
     from .session import default_threads
     if repetitions < 1:
         raise ValueError("repetitions must be >= 1")
     if warmup < 0:
         raise ValueError("warmup must be >= 0")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
     threads = int(threads) if threads else default_threads()
     spin = {"off": False, "on": True, "auto": None}[spinning]
     settings = {"prompt_lengths": [int(x) for x in prompt_lengths], "decode_tokens": int(decode_tokens),
                 "decode_context": int(decode_context), "repetitions": int(repetitions), "warmup": int(warmup),
                 "threads": threads, "kernel": kernel, "spinning": spinning, "seed": int(seed), "provider": "cpu",
-                "prefill_chunk": prefill_chunk,
+                "prefill_chunk": prefill_chunk, "rounds": int(rounds),
                 "session_options": {"session.disable_prepacking": "1", "intra_op_num_threads": threads,
                                     "inter_op_num_threads": 1, "enable_mem_pattern": False,
                                     "session.intra_op.allow_spinning": {"off": "0", "on": "1",
@@ -484,20 +544,22 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
                 "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
     commit, dirty = git_info()
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    results = {}
-    for role, path in (("compressed", model), ("baseline", baseline)):
-        if path is None:
-            continue
-        spec = {"role": role, "path": str(path), "threads": threads, "kernel": kernel, "spinning": spin,
-                "provider": "cpu", "prompt_lengths": settings["prompt_lengths"], "decode_tokens": decode_tokens,
-                "decode_context": decode_context, "repetitions": repetitions, "warmup": warmup, "seed": seed,
-                "prefill_chunk": prefill_chunk}
-        if log:
-            log(f"benchmarking {role}: {path}")
-        results[role] = run_model_in_subprocess(spec, timeout=timeout)
-        if log:
-            r = results[role]
-            log(f"  {role}: " + ("ok" if r.ok else f"FAILED: {r.error}"))
+    runs: dict[str, list[ModelBench]] = {}
+    for rnd in range(rounds):
+        for role, path in (("compressed", model), ("baseline", baseline)):
+            if path is None:
+                continue
+            spec = {"role": role, "path": str(path), "threads": threads, "kernel": kernel, "spinning": spin,
+                    "provider": "cpu", "prompt_lengths": settings["prompt_lengths"], "decode_tokens": decode_tokens,
+                    "decode_context": decode_context, "repetitions": repetitions, "warmup": warmup, "seed": seed,
+                    "prefill_chunk": prefill_chunk}
+            if log:
+                log(f"benchmarking {role}" + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else "") + f": {path}")
+            r = run_model_in_subprocess(spec, timeout=timeout)
+            runs.setdefault(role, []).append(r)
+            if log:
+                log(f"  {role}: " + ("ok" if r.ok else f"FAILED: {r.error}"))
+    results = {role: merge_rounds(rs) for role, rs in runs.items()}
     c, b = results["compressed"], results.get("baseline")
     return BenchResult(schema=SCHEMA, timestamp=stamp, git_commit=commit, git_dirty=dirty, machine=machine_info(),
                        settings=settings, compressed=c, baseline=b, ratios=compute_ratios(c, b))
@@ -519,6 +581,7 @@ def to_markdown(r: BenchResult) -> str:
     m = r.machine
     s = r.settings
     lines.append(f"{m.get('cpu_model')} ({m.get('usable_cpus')} usable CPUs), onnxruntime {m.get('onnxruntime')}, "
+                 f"{s.get('rounds', 1)} round(s) of fresh processes, "
                  f"threads {s['threads']}, kernel {s['kernel']}, spinning {s['spinning']}, "
                  f"prefill chunk {s.get('prefill_chunk')}, "
                  f"{s['warmup']} warm-up + {s['repetitions']} repetitions; commit "
@@ -555,6 +618,8 @@ def to_markdown(r: BenchResult) -> str:
         row("decode ms/token mean ± sd", _ms(c.decode), _ms(b.decode) if b else None, "decode_ms_mean")
         row("decode tokens/s", _f(c.decode_tokens_per_s, "{:.1f}"), _f(b.decode_tokens_per_s, "{:.1f}") if b else None,
             "decode_tokens_per_s")
+        row("decode CPU ms/token p50 (all threads)", _f(c.decode_cpu and c.decode_cpu.p50_ms, "{:.3f}"),
+            _f(b.decode_cpu and b.decode_cpu.p50_ms, "{:.3f}") if b else None, "decode_cpu_ms_p50")
     lines.append("")
     if b:
         lines.append("Ratios are compressed / baseline; RSS rows are the process RSS minus its RSS right before the "

@@ -47,10 +47,12 @@ def _lengths(ctx, param, value: str) -> list[int]:
               help="onnxruntime intra-op thread spinning, identical for both models.")
 @click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
               help="Prompts longer than this run in chunks through the KV cache (0: never chunk).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 1000),
+              help="Alternate the models this many times, each in a fresh process, pooling the samples.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompts.")
 @click.option("--timeout", default=3600.0, show_default=True, type=float, help="Seconds per model process.")
 def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_lengths, decode_tokens,
-                  decode_context, repetitions, warmup, threads, kernel, spinning, prefill_chunk, seed, timeout):
+                  decode_context, repetitions, warmup, threads, kernel, spinning, prefill_chunk, rounds, seed, timeout):
     """Benchmark MODEL (.onnx file or exported folder), optionally against --baseline, each in a fresh process.
 
     Reports load time, memory attributable to the model (RSS after load / after running / peak, minus the
@@ -65,7 +67,7 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
     result = run_bench(model, baseline, prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
                        decode_context=decode_context, repetitions=repetitions, warmup=warmup, threads=threads,
                        kernel=kernel, spinning=spinning, prefill_chunk=prefill_chunk or None, seed=seed,
-                       timeout=timeout, log=log)
+                       rounds=rounds, timeout=timeout, log=log)
     try:
         write_reports(result, json_path=json_path, markdown_path=markdown_path,
                       plot_path=plot_path if result.ok else None)

@@ -120,6 +120,10 @@ class Tokenizer:
             self._tok = _HFTokenizer.from_file(str(path))
         except Exception as e:
             raise FipsRuntimeError(f"cannot read {path}: {e}") from e
+        # a tokenizer.json may carry padding/truncation settings (saved as a side effect of batch calls);
+        # the runtime pads, masks and truncates itself
+        self._tok.no_padding()
+        self._tok.no_truncation()
         self.model_dir = model_dir
         self.config = read_json(model_dir / "tokenizer_config.json")
         self.special_tokens_map = read_json(model_dir / "special_tokens_map.json")
@@ -636,20 +640,14 @@ class Model:
                 break
             generated.append(tok)
             delta = text.push(tok) if text is not None else ""
-            if text is not None and text.stopped:
+            stopped = text is not None and text.stopped
+            if stopped:
                 finish = "stop"
-                if result is not None:
-                    result.token_ids = list(generated)
-                yield GenerationChunk(delta, [tok], None)
-                break
-            if len(generated) >= max_new_tokens:
-                if result is not None:
-                    result.token_ids = list(generated)
-                yield GenerationChunk(delta, [tok], None)
-                break
             if result is not None:
-                result.token_ids = list(generated)
+                result.token_ids = generated
             yield GenerationChunk(delta, [tok], None)
+            if stopped or len(generated) >= max_new_tokens:
+                break
             if cache is not None:
                 logits, cache = self.forward([tok], cache)
             else:

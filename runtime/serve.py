@@ -608,6 +608,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             except OSError:
                 pass
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # releases the model slot at once when the client went away
 
 
 class PoolHTTPServer(HTTPServer):

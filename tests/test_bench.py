@@ -69,6 +69,20 @@ def test_ratios_and_roundtrip(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_merge_rounds_pools_samples():
+    from fips_rt.runtime.bench import merge_rounds
+    a, b = _fake_model_bench("compressed", 1.0), _fake_model_bench("compressed", 2.0)
+    a.loadavg, b.loadavg = [0.5], [1.5]
+    m = merge_rounds([a, b])
+    assert m.rounds == 2 and m.loadavg == [0.5, 1.5]
+    assert m.decode.samples_ms == a.decode.samples_ms + b.decode.samples_ms
+    assert m.prefill["64"].n == 4
+    assert m.model_peak_rss_mb == pytest.approx((a.model_peak_rss_mb + b.model_peak_rss_mb) / 2)
+    assert m.decode_tokens_per_s == pytest.approx(1000 / m.decode.mean_ms)
+    b.ok, b.error = False, "x"
+    assert merge_rounds([a, b]) is b
+
+
 def test_no_ratios_when_a_side_failed():
     c = _fake_model_bench("compressed", 0.6)
     b = ModelBench(role="baseline", path="/x", ok=False, error="boom")
@@ -108,7 +122,7 @@ def test_bench_dense_vs_fips(tmp_path):
     j, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     out = subprocess.run(_bench_cmd(comp / "model.onnx", "--baseline", dense / "model.onnx", "--json", j,
                                     "--markdown", md, "--plot", png, "--prompt-lengths", "1,16", "--decode-tokens", 4,
-                                    "--repetitions", 2, "--warmup", 1, "--threads", 1),
+                                    "--repetitions", 2, "--warmup", 1, "--threads", 1, "--rounds", 2),
                          capture_output=True, text=True, timeout=600, env=runtime_env())
     assert out.returncode == 0, out.stderr + out.stdout
     data = json.loads(j.read_text())
@@ -118,21 +132,46 @@ def test_bench_dense_vs_fips(tmp_path):
     for k in ("cpu_model", "usable_cpus", "onnxruntime"):
         assert k in data["machine"]
     assert data["settings"]["threads"] == 1 and data["settings"]["repetitions"] == 2
+    assert data["settings"]["rounds"] == 2
     assert isinstance(data["ratios"]["decode_ms_p50"], float) and data["ratios"]["decode_ms_p50"] > 0
     assert isinstance(data["ratios"]["peak_rss_mb"], float)
     for role in ("compressed", "baseline"):
         m = data[role]
         assert m["ok"] and m["kind"] == "causal_lm"
         assert set(m["prefill"]) == {"1", "16"}
-        assert len(m["prefill"]["16"]["samples_ms"]) == 2
-        assert len(m["decode"]["samples_ms"]) == 2 * 4
+        assert m["rounds"] == 2 and len(m["loadavg"]) == 2
+        assert len(m["prefill"]["16"]["samples_ms"]) == 2 * 2
+        assert len(m["decode"]["samples_ms"]) == 2 * 2 * 4
+        assert len(m["decode_cpu"]["samples_ms"]) == 2 * 2 * 4
         for k in ("load_s", "rss_before_mb", "rss_after_load_mb", "peak_rss_mb", "model_peak_rss_mb", "file_bytes",
                   "decode_tokens_per_s"):
             assert m[k] is not None and m[k] >= 0, k
         assert m["threads"] == 1
+        assert m["torch_imported"] is False
+        assert set(m["rss_trace_mb"]) >= {"load", "prefill 1", "prefill 16", "decode"}
     assert data["compressed"]["kernel"] == data["baseline"]["kernel"] or True  # recorded for both
     assert data["compressed"]["spinning"] == data["baseline"]["spinning"]
     assert data["compressed"]["file_bytes"] < data["baseline"]["file_bytes"]
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "decode ms/token p50" in md.read_text()
     assert "decode ms/token p50" in out.stdout
+
+
+@needs_exporter
+def test_bench_encoder_without_baseline(tmp_path):
+    from fips_rt.exporter import export
+    from fips_rt.testing import tiny_model
+
+    from test_runtime_helpers import VOCAB, hf_tokenizer
+    lm = tiny_model("bert", tokenizer=hf_tokenizer(), vocab_size=VOCAB)
+    export(lm, str(tmp_path / "model.onnx"), verify=False)
+    j = tmp_path / "enc.json"
+    out = subprocess.run(_bench_cmd(tmp_path, "--json", j, "--prompt-lengths", "8,500", "--repetitions", 1,
+                                    "--warmup", 0, "--threads", 1), capture_output=True, text=True, timeout=300,
+                         env=runtime_env())
+    assert out.returncode == 0, out.stderr
+    data = json.loads(j.read_text())
+    m = data["compressed"]
+    assert data["baseline"] is None and data["ratios"] == {}
+    assert m["kind"] == "encoder" and set(m["prefill"]) == {"8"} and m["skipped_prefill_lengths"] == [500]
+    assert m["decode"] is None

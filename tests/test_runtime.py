@@ -128,6 +128,17 @@ def test_tokenizer_reads_configs_defensively(tmp_path, tok):
     assert Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}]) == "<1>"
 
 
+def test_tokenizer_ignores_saved_padding_and_truncation(tmp_path):
+    data = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text())
+    data["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 2,
+                       "pad_type_id": 0, "pad_token": "<|im_end|>"}
+    data["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    t = Tokenizer(tmp_path)
+    encs = t.encode_batch(["a", "one two three four"])
+    assert len(encs[0].ids) == 1 and len(encs[1].ids) == 4
+
+
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FipsRuntimeError, match="tokenizer.json"):
         Tokenizer(tmp_path)

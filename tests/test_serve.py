@@ -369,6 +369,23 @@ def test_serve_chat_matches_generate(live_server):
 
 
 @needs_exporter
+def test_serve_survives_a_client_leaving_mid_stream(live_server):
+    import socket
+    proc, base, d = live_server
+    host, port = base[len("http://"):].split(":")
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 64, "stream": True, "ignore_eos": True}).encode()
+    for _ in range(3):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        s.close()
+    status, body = jrequest(base, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 4}, timeout=60)
+    assert status == 200
+    assert proc.poll() is None
+
+
+@needs_exporter
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_graceful_shutdown(sig):
     d = tiny_lm_dir("dense", last_logits_only=True)
@@ -384,7 +401,8 @@ def test_serve_graceful_shutdown(sig):
         time.sleep(0.3)
         proc.send_signal(sig)
         t.join(120)
-        assert proc.wait(60) == 0
+        rc = proc.wait(60)
+        assert rc == 0, (rc, proc.stderr.read())
         assert out["r"][0] == 200
     finally:
         if proc.poll() is None:
@@ -395,3 +413,40 @@ def test_serve_refuses_a_missing_model(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fips_rt.runtime.cli", "serve", str(tmp_path)],
                          capture_output=True, text=True, timeout=120, env=runtime_env())
     assert out.returncode != 0 and "No .onnx" in out.stderr
+
+
+@needs_exporter
+def test_serve_embeddings(tmp_path):
+    import numpy as np
+
+    from fips_rt.exporter import export
+    from fips_rt.runtime.generate import Model
+    from fips_rt.testing import tiny_model
+
+    from test_runtime_helpers import VOCAB, hf_tokenizer
+    lm = tiny_model("bert", tokenizer=hf_tokenizer(), vocab_size=VOCAB)
+    export(lm, str(tmp_path / "model.onnx"), verify=False)
+    proc, base = _start_server(tmp_path)
+    try:
+        texts = ["first sentence", "a second, longer sentence"]
+        status, body = jrequest(base, "POST", "/v1/embeddings", {"input": texts, "model": "x"})
+        assert status == 200, body
+        want = Model.load(tmp_path, threads=1).embed(texts)
+        got = np.array([d["embedding"] for d in body["data"]])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert body["usage"]["prompt_tokens"] > 0
+        status, body = jrequest(base, "POST", "/v1/embeddings", {"input": texts[0], "encoding_format": "base64"})
+        import base64
+        vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+        np.testing.assert_allclose(vec, want[0], rtol=1e-4, atol=1e-5)
+        for bad in ({"input": 3}, {"input": []}, {"input": "x", "dimensions": 8}, {"inputs": "x"},
+                    {"input": "word " * 600}):
+            status, body = jrequest(base, "POST", "/v1/embeddings", bad)
+            assert status == 400, (bad, body)
+        status, body = jrequest(base, "POST", "/v1/completions", {"prompt": "x"})
+        assert status == 400 and "causal language model" in body["error"]["message"]
+        assert jrequest(base, "GET", "/health")[1]["kind"] == "encoder"
+    finally:
+        proc.terminate()
+        rc = proc.wait(60)
+        assert rc == 0, (rc, proc.stderr.read())
