@@ -26,10 +26,6 @@ class IOInfo:
     elem_type: int
     shape: list  # ints and axis names
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": helper.tensor_dtype_to_np_dtype(self.elem_type).name,
-                "shape": list(self.shape)}
-
 
 @dataclass
 class GraphBuilder:
@@ -115,6 +111,48 @@ class GraphBuilder:
         if key is not None and tensor.numel():
             self._by_identity[key] = out
         return out
+
+    # onnxruntime turns one TensorProto at a time into a tensor while the whole proto is still held, so
+    # session creation peaks at "all weights + the largest initializer". A big table (the vocabulary
+    # embedding: 108 MiB in SmolLM2) is therefore stored as row chunks of at most CHUNK_BYTES.
+    CHUNK_BYTES = 32 * 2**20
+
+    def weight_rows(self, tensor, name: str) -> list[tuple[str, int, int]]:
+        """A 2-D weight as row chunks: [(initializer, first row, rows), ...]; one chunk when small.
+        Deduplicated by tensor identity like ``weight`` (a tied embedding is stored once)."""
+        key = ("rows", tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key in self._by_identity:
+            return self._by_identity[key]
+        rows, cols = tensor.shape
+        itemsize = DTYPES[self.dtype][0]().itemsize
+        per = max(1, self.CHUNK_BYTES // max(1, cols * itemsize))
+        if per >= rows:
+            out = [(self.weight(tensor, name), 0, rows)]
+        else:
+            out = [(self.weight(tensor[r:r + per], f"{name}.rows{r}"), r, min(per, rows - r)) for r in range(0, rows, per)]
+        self._by_identity[key] = out
+        return out
+
+    def gather_rows(self, chunks: list[tuple[str, int, int]], ids: str) -> str:
+        """Gather(table, ids) over a row-chunked table: each chunk looks up the ids in its range."""
+        if len(chunks) == 1:
+            return self.op("Gather", [chunks[0][0], ids])
+        acc = None
+        zero = self.i64(0)
+        for init, start, n in chunks:
+            local = self.op("Sub", [ids, self.i64(start)])
+            valid = self.op("And", [self.op("GreaterOrEqual", [local, zero]), self.op("Less", [local, self.i64(n)])])
+            got = self.op("Gather", [init, self.op("Where", [valid, local, zero])])
+            got = self.op("Where", [self.op("Unsqueeze", [valid, self.i64([-1])]), got, self.fconst(0.0)])
+            acc = got if acc is None else self.op("Add", [acc, got])
+        return acc
+
+    def gemm_rows(self, x: str, chunks: list[tuple[str, int, int]], bias: str | None = None) -> str:
+        """x @ W^T for a row-chunked W (the LM head on the stored layout): one Gemm per chunk, Concat."""
+        if len(chunks) == 1:
+            return self.gemm(x, chunks[0][0], bias)
+        y = self.op("Concat", [self.gemm(x, init) for init, _, _ in chunks], axis=1)
+        return y if bias is None else self.op("Add", [y, bias])
 
     def const(self, value, dtype=None) -> str:
         """A small constant (shape vectors, scalars), deduplicated by value."""

@@ -134,8 +134,8 @@ def build_causal_lm(b: GraphBuilder, model, *, family: str, last_logits_only: bo
     bs_shape = b.op("Shape", [input_ids])  # [B, S]
     embed = model.model.embed_tokens
     with b.scope("model.embed_tokens", tag="embedding"):
-        table = b.weight(embed.weight, "model.embed_tokens.weight")
-        h = b.op("Reshape", [b.op("Gather", [table, input_ids]), b.i64([-1, d])])  # [N, d]
+        table = b.weight_rows(embed.weight, "model.embed_tokens.weight")  # row chunks when large
+        h = b.op("Reshape", [b.gather_rows(table, input_ids), b.i64([-1, d])])  # [N, d]
         if gemma:
             scale = float(getattr(embed, "scalar_embed_scale", d ** 0.5))
             h = b.op("Mul", [h, b.fconst(scale)])
@@ -187,7 +187,7 @@ def build_causal_lm(b: GraphBuilder, model, *, family: str, last_logits_only: bo
             h = b.op("Reshape", [b.op("Slice", [h3, b.i64([-1]), b.i64([INT64_MAX]), b.i64([1])]), b.i64([-1, d])])
         head = model.get_output_embeddings()
         bias = None if getattr(head, "bias", None) is None else b.weight(head.bias, "lm_head.bias")
-        logits = b.gemm(h, b.weight(head.weight, "lm_head.weight"), bias)  # tied: the embedding initializer
+        logits = b.gemm_rows(h, b.weight_rows(head.weight, "lm_head.weight"), bias)  # tied: the embedding chunks
         if final_cap:
             logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, b.fconst(final_cap)])]), b.fconst(final_cap)])
         if last_logits_only:

@@ -566,6 +566,14 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
 
 
 # ============================================================================ reports
+def display_name(path: str) -> str:
+    """``runs/x/fips/model.onnx`` -> ``fips/model.onnx`` (the folder names exported models)."""
+    p = Path(path)
+    if p.suffix != ".onnx":
+        return p.name
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
 def _f(x, fmt="{:.2f}") -> str:
     return "–" if x is None else fmt.format(x)
 
@@ -577,7 +585,7 @@ def _ms(st: Stats | None) -> str:
 def to_markdown(r: BenchResult) -> str:
     c, b = r.compressed, r.baseline
     cols = ["compressed"] + (["baseline", "ratio"] if b else [])
-    lines = [f"### fips bench — {Path(c.path).name}" + (f" vs {Path(b.path).name}" if b else ""), ""]
+    lines = [f"### fips bench — {display_name(c.path)}" + (f" vs {display_name(b.path)}" if b else ""), ""]
     m = r.machine
     s = r.settings
     lines.append(f"{m.get('cpu_model')} ({m.get('usable_cpus')} usable CPUs), onnxruntime {m.get('onnxruntime')}, "
@@ -649,7 +657,7 @@ def plot(r: BenchResult, path: str | os.PathLike) -> None:
         xs = [j + i * width for j in range(len(keys))]
         means = [m.prefill[k].mean_ms if k in m.prefill else 0 for k in keys]
         sds = [m.prefill[k].std_ms if k in m.prefill else 0 for k in keys]
-        ax.bar(xs, means, width, yerr=sds, label=f"{m.role} ({Path(m.path).name})", color=colors[m.role], capsize=3)
+        ax.bar(xs, means, width, yerr=sds, label=f"{m.role} ({display_name(m.path)})", color=colors[m.role], capsize=3)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(keys))])
     ax.set_xticklabels(keys)
     ax.set_xlabel("prompt length (tokens)")
@@ -673,9 +681,9 @@ def plot(r: BenchResult, path: str | os.PathLike) -> None:
     ax.legend(fontsize=8)
     # memory and size
     ax = axes[2]
-    labels = ["RSS after load", "peak RSS", "file size"]
+    labels = ["RSS after run", "peak RSS", "file size"]
     for i, m in enumerate(models):
-        vals = [m.model_rss_after_load_mb or 0, m.model_peak_rss_mb or 0, m.file_mb or 0]
+        vals = [m.model_rss_after_run_mb or 0, m.model_peak_rss_mb or 0, m.file_mb or 0]
         ax.bar([j + i * width for j in range(3)], vals, width, color=colors[m.role], label=m.role)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(3)])
     ax.set_xticklabels(labels)

@@ -21,7 +21,7 @@ import json
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -70,7 +70,6 @@ class ChatTemplate:
 
     def __init__(self, source: str):
         try:
-            from jinja2 import StrictUndefined  # noqa: F401  (jinja2 presence check)
             from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError as e:  # pragma: no cover - jinja2 is part of the runtime extra

@@ -27,7 +27,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable
 
@@ -198,8 +197,8 @@ class App:
         max_name = "max_tokens"
         if chat and req.get("max_completion_tokens") is not None:
             max_name = "max_completion_tokens"
-        max_tokens = _get_int(req, max_name, cfg.default_max_tokens if not chat else min(256, cfg.max_tokens_limit),
-                              1, cfg.max_tokens_limit)
+        # None: not given -> a default that fits the context, chosen once the prompt is tokenized
+        max_tokens = _get_int(req, max_name, None, 1, cfg.max_tokens_limit)
         opts = {
             "max_new_tokens": max_tokens,
             "temperature": _get_num(req, "temperature", 1.0, 0.0, 2.0),
@@ -233,6 +232,16 @@ class App:
                                or not isinstance(so.get("include_usage", False), bool)):
             raise _bad("stream_options", 'expected {"include_usage": true|false}')
         return opts
+
+    def _default_max_tokens(self, opts: dict, prompt_lens: list[int], *, chat: bool) -> None:
+        if opts["max_new_tokens"] is not None:
+            return
+        cfg = self.config
+        default = min(256 if chat else cfg.default_max_tokens, cfg.max_tokens_limit)
+        ctx = self.model.max_positions
+        if ctx:
+            default = min(default, ctx - max(prompt_lens))
+        opts["max_new_tokens"] = max(1, default)
 
     def _check_prompt_len(self, ids: list[int], max_new: int, param: str) -> None:
         cfg = self.config
@@ -270,6 +279,7 @@ class App:
             raise _bad("prompt", "expected a non-empty string, array of strings, array of token ids or array of "
                                  f"arrays of token ids; got {_type_name(p)}")
         vocab = self.model.vocab_size
+        self._default_max_tokens(opts, [len(x) for x in prompts], chat=False)
         for ids in prompts:
             if vocab and any(not 0 <= t < vocab for t in ids):
                 raise _bad("prompt", f"token ids must be in [0, {vocab})")
@@ -321,6 +331,7 @@ class App:
         except FipsRuntimeError as e:
             raise ApiError(400, str(e), param="messages", code="chat_template_error")
         ids = self.model.tokenizer.encode(text, add_special_tokens=False)
+        self._default_max_tokens(opts, [len(ids)], chat=True)
         self._check_prompt_len(ids, opts["max_new_tokens"], "messages")
         stream = _get_bool(req, "stream", False)
         include_usage = bool((req.get("stream_options") or {}).get("include_usage", False))

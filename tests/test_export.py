@@ -307,3 +307,22 @@ def test_user_model_is_left_unchanged(tmp_path):
     after = lm.model.state_dict()
     assert [type(m) for m in lm.model.modules()] == types
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("method", ["dense", "fips"])
+def test_large_tied_embedding_is_row_chunked_once(method, tmp_path, monkeypatch):
+    """A big table is stored as row chunks (onnxruntime's load peak is weights + largest initializer);
+    each chunk once, used by one Gather and one Gemm, and the outputs still match PyTorch."""
+    from fips_rt.exporter.builder import GraphBuilder
+    lm = tiny("llama", method)
+    vocab, d = lm.model.lm_head.weight.shape
+    monkeypatch.setattr(GraphBuilder, "CHUNK_BYTES", vocab * d * 4 // 3)  # -> 4 chunks
+    report, out = run_export(lm, tmp_path, verify=True)
+    assert report.passed
+    inits = initializers(out)
+    chunks = sorted(n for n in inits if n.startswith("model.embed_tokens.weight.rows"))
+    assert len(chunks) == 4
+    assert sum(inits[n].dims[0] for n in chunks) == vocab
+    uses = consumers(out)
+    for n in chunks:
+        assert sorted(uses[n]) == ["Gather", "Gemm"]

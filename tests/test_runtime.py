@@ -257,3 +257,36 @@ def test_model_file_bytes_counts_external_data(tmp_path):
     assert [f.name for f in files] == ["weights.bin"]
     assert model_file_bytes(path) == path.stat().st_size + (tmp_path / "weights.bin").stat().st_size
     assert model_file_bytes(path) > 64 * 64 * 4
+
+
+def test_cuda_sessions_never_register_the_cpu_kernel(monkeypatch):
+    from fips_rt.runtime import native, session
+
+    def boom(*a, **k):
+        raise AssertionError("native.register called for a CUDA session")
+
+    monkeypatch.setattr(native, "register", boom)
+    so, facts = session.session_options(provider="cuda", kernel="auto", threads=1)
+    assert facts["kernel"] == "reference"
+    with pytest.raises(FipsRuntimeError, match="never registered in a CUDA session"):
+        session.session_options(provider="cuda", kernel="native")
+
+
+def test_session_options(monkeypatch):
+    from fips_rt.runtime import native, session
+    calls = []
+    monkeypatch.setattr(native, "register", lambda so, kernel="auto": calls.append(kernel) or "native")
+    so, facts = session.session_options(threads=3, kernel="auto")
+    assert calls == ["auto"] and facts["kernel"] == "native"
+    assert so.intra_op_num_threads == 3 and not so.enable_mem_pattern
+    assert so.get_session_config_entry("session.disable_prepacking") == "1"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # native kernel -> no spinning
+    so, facts = session.session_options(kernel="reference", spinning=None)
+    assert facts["kernel"] == "reference" and facts["spinning"] is True and calls == ["auto"]
+    # the native kernel unavailable: auto falls back, native raises
+    monkeypatch.setattr(native, "register", lambda so, kernel="auto": (_ for _ in ()).throw(RuntimeError("no cc")))
+    assert session.session_options(kernel="auto")[1]["kernel"] == "reference"
+    with pytest.raises(FipsRuntimeError, match="no cc"):
+        session.session_options(kernel="native")
+    with pytest.raises(FipsRuntimeError, match="kernel must be"):
+        session.session_options(kernel="fast")

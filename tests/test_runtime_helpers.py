@@ -85,8 +85,6 @@ def tiny_lm_dir(kind: str = "dense", **export_kwargs) -> Path:
 
 def _tiny_fips():
     def build():
-        import copy
-
         import torch
 
         import fips_rt

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -204,6 +203,9 @@ def test_chat_validation_and_ok(fake_server):
                             {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
                              "max_completion_tokens": 2})
     assert status == 200
+    # no max_tokens: the default is cut to what the (64-position) context leaves
+    status, body = jrequest(base, "POST", "/v1/chat/completions", {"messages": msgs})
+    assert status == 200 and 0 < body["usage"]["completion_tokens"] and body["usage"]["total_tokens"] <= 64
     for bad, param in (
         ({}, "messages"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
