@@ -86,6 +86,8 @@ def delta_linear(b: GraphBuilder, m: DeltaLinear, x: str, path: str) -> str:
     if id(m.shared) not in names:
         names[id(m.shared)] = b.weight(m.shared, f"delta.shared.{len(names)}")
     base = b.gemm(x, names[id(m.shared)])
+    if m.rank == 0:  # an anchor block: the shared weight alone
+        return _bias(b, base, m, path)
     low = b.gemm(b.gemm(x, b.weight(m.B, f"{path}.B")), b.weight(m.A, f"{path}.A"))
     return _bias(b, b.op("Add", [base, low]), m, path)
 

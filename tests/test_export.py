@@ -326,3 +326,26 @@ def test_large_tied_embedding_is_row_chunked_once(method, tmp_path, monkeypatch)
     uses = consumers(out)
     for n in chunks:
         assert sorted(uses[n]) == ["Gather", "Gemm"]
+
+
+def test_parity_deltallm_engine_checkpoint(tmp_path):
+    """A model compressed by the DeltaLLM engine itself (rank-0 anchors + deltas), through model.pt."""
+    import torch
+    from fips_rt import DeltaConfig, compress_
+    from fips_rt.checkpoint import save_checkpoint
+    from fips_rt.testing import tiny_model
+    lm = tiny_model("llama", layers=6)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2)
+    compress_(lm, cfg, calib, log=lambda *a: None)
+    ckpt = tmp_path / "delta.pt"
+    save_checkpoint(ckpt, lm, "deltallm", cfg.to_dict())
+    report, out = run_export(str(ckpt), tmp_path)
+    assert report.method == "deltallm" and report.passed and report.max_abs() <= 1e-4, report.table()
+    shared = {id(m.shared): m.shared for m in lm.model.modules() if type(m).__name__ == "DeltaLinear"}
+    inits = initializers(out)
+    for W in shared.values():  # each shared matrix stored once, used by every block of its unit
+        names = [n for n, t in inits.items() if tuple(t.dims) == tuple(W.shape)
+                 and np.array_equal(onnx.numpy_helper.to_array(t), W.numpy())]
+        assert len(names) == 1
+        assert len(consumers(out)[names[0]]) >= 2
