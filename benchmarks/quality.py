@@ -62,6 +62,7 @@ class Settings:
     group_size: int = 4
     sparsity: float = 0.75
     ridge: float = 1e-2
+    mask_every: int = 0  # steps between GMP mask updates; 0: the engine's default (about 10 over the ramp)
     # local error minimization (FiPS local/global and svd-local: equal training)
     steps: int = 600
     lr: float = 1e-3
@@ -79,11 +80,11 @@ class Settings:
 DEFAULTS = {
     ("smollm2", False): Settings(),
     ("smollm2", True): Settings(budgets=(0.5,), calib_rows=8, seq_len=128, calib_batch=2, eval_windows=8,
-                                eval_seq_len=128, eval_batch=4, steps=10, batch_tokens=256, global_steps=3,
-                                distill_warmup=1),
+                                eval_seq_len=128, eval_batch=4, steps=8, mask_every=4, batch_tokens=256,
+                                global_steps=3, distill_warmup=1),
     ("minilm", False): Settings(calib_batch=32),
     ("minilm", True): Settings(budgets=(0.5,), calib_sentences=64, max_len=64, calib_batch=16, eval_sentences=64,
-                               retrieval_articles=64, steps=10, batch_tokens=256),
+                               retrieval_articles=64, steps=8, mask_every=4, batch_tokens=256),
 }
 MODELS = {"smollm2": "smollm2-135m", "minilm": "minilm-l6"}
 LM_COMMON = ("calib_rows", "seq_len", "calib_batch", "eval_windows", "eval_seq_len", "seed")
@@ -142,6 +143,7 @@ def fips_config(S: Settings, budget: float, local: bool = False, distill: bool =
     # the activations need (svd-local does the same), so all local-trained rows are teacher-forced alike.
     return FipsConfig(mlp_budget=budget, group_size=S.group_size, sparsity=S.sparsity, init="whitened",
                       ridge=S.ridge, steps=S.steps if local else 0, lr=S.lr, batch_tokens=S.batch_tokens,
+                      mask_every=S.mask_every,
                       global_steps=S.global_steps if distill else 0, global_lr=S.global_lr, seed=S.seed,
                       keep_teacher=True)
 
@@ -231,16 +233,16 @@ class Method:
 
 LM, ENC = ("causal-lm",), ("causal-lm", "encoder")
 FIPS_F = ("group_size", "sparsity", "ridge")
-LOCAL_F = ("steps", "lr", "batch_tokens")
+LOCAL_F = ("steps", "lr", "batch_tokens")  # + mask_every for FiPS (svd-local has no masks to update)
 DISTILL_F = ("global_steps", "distill_warmup")
 METHODS = {m.name: m for m in [
     Method("fips-init", ENC, FIPS_F, lambda c, b: build_fips(c, b, False, False),
            lambda c, b: fips_config(c.S, b).to_dict(),
            "FiPS, activation-aware shared init only: groups of 4 MLPs share U, V 75% sparse, no training"),
-    Method("fips-local", ENC, FIPS_F + LOCAL_F, lambda c, b: build_fips(c, b, True, False),
+    Method("fips-local", ENC, FIPS_F + LOCAL_F + ("mask_every",), lambda c, b: build_fips(c, b, True, False),
            lambda c, b: fips_config(c.S, b, True).to_dict(),
            "FiPS + local error minimization (teacher-forced MLP MSE, GMP to the final sparsity)"),
-    Method("fips-global", LM, FIPS_F + LOCAL_F + DISTILL_F + ("global_lr",), lambda c, b: build_fips(c, b, True, True),
+    Method("fips-global", LM, FIPS_F + LOCAL_F + DISTILL_F + ("mask_every", "global_lr"), lambda c, b: build_fips(c, b, True, True),
            lambda c, b: fips_config(c.S, b, True, True).to_dict(),
            "FiPS + local + global error minimization (KL distillation to the dense model; U, V, MLP biases)"),
     Method("svd", ENC, ("ridge",), lambda c, b: build_lowrank(c, b, "per-linear", False), None,
@@ -336,6 +338,7 @@ def row_settings(ctx: Context, method: str, budget: float) -> dict:
 
 def run_row(ctx: Context, method: str, budget: float) -> dict:
     row = {"method": method, "budget": budget, "split": ctx.split, "device": str(ctx.device),
+           "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU",
            "settings": row_settings(ctx, method, budget)}
     torch.manual_seed(ctx.S.seed)
     t0 = time.time()
@@ -393,7 +396,7 @@ def run(ctx: Context, methods: list[str], budgets: list[float], out: Path, *, re
             continue
         ctx.log(f"{method} @ {budget}: running")
         row = run_row(ctx, method, budget)
-        ctx.log(json.dumps({k: v for k, v in row.items() if k not in ("settings", "details")}))
+        ctx.log(json.dumps({k: v for k, v in row.items() if k not in ("settings", "details", "split", "device_name")}))
         rows[:] = [r for r in rows if not (r["method"] == method and r["budget"] == budget)] + [row]
         rows.sort(key=lambda r: (r["method"] != "dense", r["budget"],
                                  order.index(r["method"]) if r["method"] in order else len(order)))
@@ -419,6 +422,9 @@ def markdown(result: dict) -> str:
     title = f"# Quality: {result['model']} ({result['split']} split)"
     lines = [title, "", f"Device: {result.get('device_name', '?')}; commit {m.get('commit', '?')}; "
              f"{result.get('finished', m.get('timestamp', ''))}.", ""]
+    if result.get("smoke"):
+        lines += ["Smoke settings (tiny calibration, few steps, few windows, CPU): these rows show that the harness "
+                  "runs end to end; they say nothing about how the methods compare.", ""]
     data = result.get("data", {})
     if data:
         lines += ["Data: " + "; ".join(f"{k} {v}" for k, v in data.items()) + ".", ""]
@@ -439,8 +445,11 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"{head} {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['retrieval_agreement']:.3f} | "
                          f"{r['retrieval_accuracy']:.3f} | {r['seconds']:.0f} |")
-    lines += ["", "Methods:"] + [f"- `{n}`: {METHODS[n].about}" for n in result.get("methods", [])]
-    s = result["settings"]
+    names = list(dict.fromkeys(r["method"] for r in rows if r["method"] in METHODS))
+    lines += ["", "Methods:"] + [f"- `{n}`: {METHODS[n].about}" for n in names]
+    common = LM_COMMON if lm else ENC_COMMON
+    used = ["budgets", *common] + [f for n in names for f in METHODS[n].fields]
+    s = {k: v for k, v in result["settings"].items() if k in dict.fromkeys(used)}
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + "."]
     return "\n".join(lines) + "\n"
 

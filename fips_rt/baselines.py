@@ -101,11 +101,12 @@ def linear_input_covariances(model, adapter: Adapter, batches: list[dict], progr
     seen: dict[tuple, str] = {}
     state: dict = {}
     handles = []
-    for layer in layers:
+    for li, layer in enumerate(layers):
         for path, _ in layer:
-            def pre(mod, args, path=path):
+            def pre(mod, args, path=path, li=li):
                 x = args[0]
-                key = (x.data_ptr(), tuple(x.shape))
+                # per layer: a freed tensor's address may be reused by a later layer's input
+                key = (li, x.data_ptr(), tuple(x.shape))
                 first = seen.setdefault(key, path)
                 if first != path:
                     alias[path] = first

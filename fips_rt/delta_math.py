@@ -205,16 +205,11 @@ def spectrum_pairs(cands: Sequence[SharingPlan]) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- delta init
 def covariance_factor(x_t_x: torch.Tensor, n: int, ridge: float = 1e-2) -> torch.Tensor:
     """Lower Cholesky factor S of C + ridge*I, C = X^T X / n scaled to unit mean eigenvalue (float64)."""
-    c = x_t_x.double() / max(n, 1)
-    c = c / (torch.trace(c) / c.shape[0]).clamp_min(1e-30)
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
-    r = ridge
-    for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(c + r * eye)
-        if int(info) == 0:
-            return L
-        r *= 10.0
-    raise FipsError("an input covariance is not positive definite even with a large ridge.")
+    from .decompose import normalized_cov, whitening_factor
+    try:
+        return whitening_factor(normalized_cov(x_t_x, n), ridge)
+    except RuntimeError:
+        raise FipsError("an input covariance is not positive definite even with a large ridge.") from None
 
 
 def _gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:

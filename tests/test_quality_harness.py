@@ -129,6 +129,27 @@ def test_layouts_and_budget():
         assert d * g.rank + n * g.rank * d_ff <= 0.5 * n * d * d_ff
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_linear_input_covariances_match_recorded_inputs(family):
+    from fips_rt.capture import teacher_io
+    lm = tiny_model(family, layers=4)
+    g = torch.Generator().manual_seed(5)
+    if family == "bert":
+        batches = enc_batches(g, 3)
+    else:
+        batches = [{"input_ids": torch.randint(0, 256, (n, 16), generator=g)} for n in (1, 3, 2)]
+    covs = baselines.linear_input_covariances(lm.model, lm.adapter, batches)
+    X, _ = teacher_io(lm.model, lm.adapter, list(range(4)), batches)  # MLP inputs, padding dropped
+    for li, layer in enumerate(linear_paths(lm.model, lm.adapter)):
+        for path, o in layer:
+            xtx, n = covs[path]
+            if o == "in":
+                assert n == X[li].shape[0]
+                assert torch.allclose(xtx, (X[li].T @ X[li]).double(), rtol=1e-4, atol=1e-3)
+            else:
+                assert xtx.shape[0] == get_submodule(lm.model, path).in_features and n == X[li].shape[0]
+
+
 @torch.no_grad()
 def test_svd_llm_installs_one_dense_basis_per_linear():
     import copy
