@@ -231,32 +231,36 @@ class Method:
     about: str
 
 
-LM, ENC = ("causal-lm",), ("causal-lm", "encoder")
+LM_ONLY, BOTH = ("causal-lm",), ("causal-lm", "encoder")
 FIPS_F = ("group_size", "sparsity", "ridge")
 LOCAL_F = ("steps", "lr", "batch_tokens")  # + mask_every for FiPS (svd-local has no masks to update)
 DISTILL_F = ("global_steps", "distill_warmup")
 METHODS = {m.name: m for m in [
-    Method("fips-init", ENC, FIPS_F, lambda c, b: build_fips(c, b, False, False),
+    Method("fips-init", BOTH, FIPS_F, lambda c, b: build_fips(c, b, False, False),
            lambda c, b: fips_config(c.S, b).to_dict(),
            "FiPS, activation-aware shared init only: groups of 4 MLPs share U, V 75% sparse, no training"),
-    Method("fips-local", ENC, FIPS_F + LOCAL_F + ("mask_every",), lambda c, b: build_fips(c, b, True, False),
+    Method("fips-local", BOTH, FIPS_F + LOCAL_F + ("mask_every",), lambda c, b: build_fips(c, b, True, False),
            lambda c, b: fips_config(c.S, b, True).to_dict(),
            "FiPS + local error minimization (teacher-forced MLP MSE, GMP to the final sparsity)"),
-    Method("fips-global", LM, FIPS_F + LOCAL_F + DISTILL_F + ("mask_every", "global_lr"), lambda c, b: build_fips(c, b, True, True),
+    Method("fips-global", LM_ONLY, FIPS_F + LOCAL_F + DISTILL_F + ("mask_every", "global_lr"),
+           lambda c, b: build_fips(c, b, True, True),
            lambda c, b: fips_config(c.S, b, True, True).to_dict(),
            "FiPS + local + global error minimization (KL distillation to the dense model; U, V, MLP biases)"),
-    Method("svd", ENC, ("ridge",), lambda c, b: build_lowrank(c, b, "per-linear", False), None,
+    Method("svd", BOTH, ("ridge",), lambda c, b: build_lowrank(c, b, "per-linear", False), None,
            "SVD-LLM style: every MLP linear its own whitened truncated SVD, dense factors, "
            "rank floor(p d d_ff / (d + d_ff)); training-free"),
-    Method("svd-local", ENC, ("ridge", "group_size") + LOCAL_F, lambda c, b: build_lowrank(c, b, "per-linear", True),
-           None, "svd + the same local error minimization as fips-local (same groups, steps, lr, tokens)"),
-    Method("basis-sharing", ENC, ("ridge", "share"), lambda c, b: build_lowrank(c, b, "basis-sharing", False), None,
+    Method("svd-local", BOTH, ("ridge", "group_size") + LOCAL_F,
+           lambda c, b: build_lowrank(c, b, "per-linear", True), None,
+           "svd + the same local error minimization as fips-local (same groups, steps, lr, tokens)"),
+    Method("basis-sharing", BOTH, ("ridge", "share"), lambda c, b: build_lowrank(c, b, "basis-sharing", False),
+           None,
            "Basis Sharing: gate and up bases whitened-SVD-shared by 2 adjacent layers, down per layer; "
            "training-free"),
-    Method("deltallm", LM, FIPS_F + DISTILL_F + ("delta_lr",), build_deltallm, lambda c, b: delta_config(c, b).to_dict(),
+    Method("deltallm", LM_ONLY, FIPS_F + DISTILL_F + ("delta_lr",), build_deltallm,
+           lambda c, b: delta_config(c, b).to_dict(),
            "DeltaLLM: shared MLP weights + low-rank deltas, weighted init, progressive-replacement "
            "distillation; whole-model params = the FiPS row's"),
-    Method("drop-heal", LM, FIPS_F + DISTILL_F + ("heal_lr",), build_drop_heal, None,
+    Method("drop-heal", LM_ONLY, FIPS_F + DISTILL_F + ("heal_lr",), build_drop_heal, None,
            "ShortGPT block drop to the FiPS row's whole-model params, healed by the same distillation"),
 ]}
 
@@ -339,7 +343,7 @@ def row_settings(ctx: Context, method: str, budget: float) -> dict:
 def run_row(ctx: Context, method: str, budget: float) -> dict:
     row = {"method": method, "budget": budget, "split": ctx.split, "device": str(ctx.device),
            "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU",
-           "settings": row_settings(ctx, method, budget)}
+           "commit": git_commit(), "settings": row_settings(ctx, method, budget)}
     torch.manual_seed(ctx.S.seed)
     t0 = time.time()
     try:
@@ -396,7 +400,8 @@ def run(ctx: Context, methods: list[str], budgets: list[float], out: Path, *, re
             continue
         ctx.log(f"{method} @ {budget}: running")
         row = run_row(ctx, method, budget)
-        ctx.log(json.dumps({k: v for k, v in row.items() if k not in ("settings", "details", "split", "device_name")}))
+        ctx.log(json.dumps({k: v for k, v in row.items()
+                            if k not in ("settings", "details", "split", "device_name", "commit")}))
         rows[:] = [r for r in rows if not (r["method"] == method and r["budget"] == budget)] + [row]
         rows.sort(key=lambda r: (r["method"] != "dense", r["budget"],
                                  order.index(r["method"]) if r["method"] in order else len(order)))
@@ -455,7 +460,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Perplexity ratio vs parameters and vs bytes (log-log), one line per method."""
+    """Perplexity ratio (log scale) vs parameters and vs stored bytes, one line per method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -470,8 +475,7 @@ def plot(result: dict, path: Path) -> None:
         if dense is not None:
             ax.plot([dense[key] / scale], [1.0], marker="*", markersize=12, color="black", linestyle="none",
                     label="dense")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("log")  # x stays linear: the budgets span less than a factor of two
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity / dense perplexity")
         ax.grid(True, which="both", alpha=0.3)
@@ -494,6 +498,14 @@ def write_outputs(result: dict, out: Path, figure: bool = True) -> None:
 
 
 # --------------------------------------------------------------------------- data and machine
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
 def machine(device: torch.device) -> dict:
     cpu = platform.processor()
     try:
@@ -503,11 +515,7 @@ def machine(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_commit()
     import transformers
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

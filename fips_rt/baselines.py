@@ -1,6 +1,6 @@
 """Low-rank baselines built from the FiPS pieces: a ``SharedBasis`` U and ``FipsLinear`` modules whose
-V is dense (all-ones mask). Everything downstream (evaluation, accounting, checkpoints, export) then
-treats a baseline exactly like FiPS.
+V is dense (all-ones mask), so evaluation and parameter accounting treat a baseline like FiPS
+(``stored_bytes`` drops the bitmask a dense V does not need).
 
 - SVD-LLM style (``svd_llm_``): every MLP linear gets its own basis from its own whitened truncated SVD;
   rank r = floor(p * d * d_ff / (d + d_ff)) at MLP budget p (dense U and V: d*r + r*d_ff <= p*d*d_ff).
@@ -253,7 +253,8 @@ def train_local_(model, adapter: Adapter, teacher, layer_groups: list[list[int]]
         mods = [get_submodule(model, p) for li in layers for p, _ in paths[li]]
         if not all(isinstance(m, FipsLinear) for m in mods):
             raise FipsError(f"layers {layers}: local training needs FipsLinear modules (compress first).")
-        params = list({id(p): p for m in mods for p in [m.basis.weight, m.V] + ([m.bias] if m.bias is not None else [])}.values())
+        params = list({id(p): p for m in mods
+                       for p in [m.basis.weight, m.V] + ([m.bias] if m.bias is not None else [])}.values())
         X, Y = teacher_io(teacher, adapter, layers, batches, progress)
         for p in params:
             p.requires_grad_(True)
