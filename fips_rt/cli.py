@@ -44,7 +44,7 @@ def cli():
     ONNX and run them with onnxruntime.
 
     \b
-    Quick start (real SmolLM2-135M, CPU, ~15 min):   fips demo
+    Quick start (the real SmolLM2-135M on wiki text):   fips demo
     Compress:   fips compress smollm2-135m --mlp-budget 0.5 --out model.pt
     Evaluate:   fips eval model.pt --split test
     Inspect:    fips info model.pt
