@@ -507,14 +507,8 @@ def git_commit() -> str:
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fips_rt.runtime.bench import machine_info  # one reader of the CPU model for all benchmarks
+    cpu = machine_info()["cpu_model"]
     commit = git_commit()
     import transformers
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
