@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternate the two models this many times")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kernel", default="auto")
-    ap.add_argument("--spinning", default="off")
+    ap.add_argument("--spinning", default="on", help="on (onnxruntime default) | off | auto")
     ap.add_argument("--name", default="bench_smollm2")
     a = ap.parse_args()
 

@@ -15,6 +15,7 @@ import onnx
 from fips_rt.errors import FipsError
 
 from .builder import GraphBuilder
+from .layers import plan_fips
 from .report import OutputCheck, compare
 
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,")
@@ -73,6 +74,7 @@ class CausalLMConfig(ExportConfig):
     def build(self, scratch):
         from .decoder import build_causal_lm
         b = GraphBuilder(self.dtype, self.opset)
+        plan_fips(b, self.model)
         build_causal_lm(b, self.model, family=self.family, last_logits_only=self.last_logits_only)
         return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
 
@@ -194,6 +196,7 @@ class BertConfig(ExportConfig):
     def build(self, scratch):
         from .encoder import build_encoder
         b = GraphBuilder(self.dtype, self.opset)
+        plan_fips(b, self.model)
         build_encoder(b, self.model)
         return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
 

@@ -45,12 +45,63 @@ NEG_INF_FP32 = float(np.finfo(np.float32).min)
 
 
 # ---------------------------------------------------------------------- linears
+def used_rank(model) -> dict[int, np.ndarray]:
+    """Per shared basis (keyed by ``id(basis.weight)``): the basis directions some layer still uses.
+
+    Direction k of U is dead when row k of every V built on U was pruned away entirely: then x·U[:, k]
+    only ever meets zeros. Magnitude pruning of a whitened SVD init empties the weakest directions
+    wholesale (SmolLM2 at --mlp-budget 0.5: ~640 of 1024 rows used per group), so the exporter keeps
+    only the used ones -- the same function, a smaller U, shorter V's, fewer products.
+    """
+    used: dict[int, np.ndarray] = {}
+    for m in model.modules():
+        if isinstance(m, FipsLinear):
+            rows = m.mask.detach().cpu().numpy().any(axis=1)
+            key = id(m.basis.weight)
+            used[key] = rows if key not in used else (used[key] | rows)
+    # an all-pruned basis keeps one direction: no zero-sized tensors in the graph
+    return {k: np.flatnonzero(v) if v.any() else np.array([0]) for k, v in used.items()}
+
+
+def plan_fips(b: GraphBuilder, model) -> None:
+    """Call once before building a graph with FiPS layers: records the used basis directions."""
+    b.memo["basis_keep"] = used_rank(model)
+
+
+def _keep(b: GraphBuilder, basis) -> np.ndarray | None:
+    """Indices of the used directions of ``basis``, or None when all are used (or no plan was made)."""
+    keep = b.memo.get("basis_keep", {}).get(id(basis.weight))
+    if keep is None or len(keep) == basis.weight.shape[1]:
+        return None
+    return keep
+
+
 def _basis_name(b: GraphBuilder, basis) -> str:
     names = b.memo.setdefault("basis_names", {})
     key = id(basis.weight)
     if key not in names:
-        names[key] = b.weight(basis.weight, f"fips.basis.{len(names)}", tag="mlp")
+        keep = _keep(b, basis)
+        U = basis.weight if keep is None else basis.weight.detach()[:, torch_index(keep)]
+        names[key] = b.weight(U, f"fips.basis.{len(names)}", tag="mlp")
     return names[key]
+
+
+def torch_index(keep: np.ndarray):
+    import torch
+    return torch.from_numpy(keep.astype(np.int64))
+
+
+def _packed(b: GraphBuilder, m: FipsLinear) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(values, mask bytes, rows, cols) of V restricted to the used directions of its basis."""
+    keep = _keep(b, m.basis)
+    if keep is None:
+        values, mask = m.packed()
+        r, c = m.V.shape
+        return values, mask, r, c
+    from fips_rt.sparse_format import pack
+    V = m.V.detach().float().cpu().numpy()[keep]
+    values, mask = pack(V, m.mask.cpu().numpy()[keep])
+    return values, mask, V.shape[0], V.shape[1]
 
 
 def _basis_product(b: GraphBuilder, basis, x: str) -> str:
@@ -69,10 +120,9 @@ def _bias(b: GraphBuilder, y: str, module, path: str) -> str:
 
 
 def fips_linear(b: GraphBuilder, m: FipsLinear, x: str, path: str) -> str:
-    values, mask = m.packed()
+    values, mask, r, d_ff = _packed(b, m)
     v = b.weight(values, f"{path}.values")
     k = b.weight(mask, f"{path}.mask")
-    r, d_ff = m.V.shape
     if m.orientation == "in":
         y = b.sparse_matmul(_basis_product(b, m.basis, x), v, k, r, d_ff, 0)
     else:

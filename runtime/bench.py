@@ -516,7 +516,7 @@ def merge_rounds(runs: list[ModelBench]) -> ModelBench:
 
 def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64, 512), decode_tokens: int = 32,
               decode_context: int = 64, repetitions: int = 5, warmup: int = 1, threads: int | None = None,
-              kernel: str = "auto", spinning: str = "off", prefill_chunk: int | None = 512, seed: int = 0,
+              kernel: str = "auto", spinning: str = "on", prefill_chunk: int | None = 512, seed: int = 0,
               rounds: int = 1, timeout: float | None = 3600, log=None) -> BenchResult:
     """Benchmark ``model`` (and ``baseline``), each in a fresh process with identical settings.
 
@@ -539,7 +539,7 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
                 "session_options": {"session.disable_prepacking": "1", "intra_op_num_threads": threads,
                                     "inter_op_num_threads": 1, "enable_mem_pattern": False,
                                     "session.intra_op.allow_spinning": {"off": "0", "on": "1",
-                                                                        "auto": "0 with the native kernel"}[spinning],
+                                                                        "auto": "1 (onnxruntime default)"}[spinning],
                                     "graph_optimization_level": "ORT_ENABLE_ALL"},
                 "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
     commit, dirty = git_info()

@@ -425,7 +425,7 @@ class Model:
 
         ``kernel`` ("auto" | "native" | "reference") is passed to ``fips_rt.runtime.native.register``;
         ``provider`` is "auto" (CUDA when available, CPU otherwise), "cpu" or "cuda"; ``threads`` the
-        intra-op threads (default: usable cores); ``spinning`` None = off with the native kernel.
+        intra-op threads (default: usable cores); ``spinning`` None = on (onnxruntime's default).
         ``prefill_chunk``: prompts longer than this are run through the KV cache in chunks of this many
         tokens (bounds the attention's activation memory; None = the whole prompt at once).
         Other keyword arguments go to :func:`fips_rt.runtime.session.create_session`.

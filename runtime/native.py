@@ -31,6 +31,9 @@ Environment:
     CXX=...                       compiler to use (else c++, g++, clang++ on PATH)
   read by the library when it is loaded / first registered:
     FIPS_SPARSE_FORCE_SCALAR=1    use the portable scalar loops instead of AVX2/FMA
+    FIPS_SPARSE_ISA=avx2          on an AVX-512 CPU, use the AVX2 kernels for few tokens too
+    FIPS_SPARSE_EXPAND=register   AVX-512: masked load + register expand (the AMD default)
+                                  instead of expanding straight from memory (the Intel default)
     FIPS_SPARSE_SERIAL=1          run the kernel on the calling thread only (no ParallelFor)
     FIPS_SPARSE_NO_FP16_SCHEMA=1  do not declare the float16 schema (float16 nodes then fail
                                   to load in sessions that have the library)

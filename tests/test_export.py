@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from fips_rt.errors import FipsError
 from fips_rt.exporter import export, export_command
+from fips_rt.exporter.layers import used_rank
 from fips_rt.modules import FipsLinear
 from test_export_support import consumers, greedy_onnx, greedy_torch, initializers, tiny
 
@@ -119,8 +120,9 @@ def test_shared_u_once_per_group(tmp_path):
     inits = initializers(out)
     bases = {n: t for n, t in inits.items() if n.startswith("fips.basis.")}
     assert len(bases) == len(groups) == 2
+    keep = used_rank(lm.model)  # the exporter drops basis directions no V row uses
     for basis in groups.values():
-        U = basis.weight.numpy()
+        U = basis.weight.detach().numpy()[:, keep[id(basis.weight)]]
         same = [n for n, t in inits.items() if t.dims and np.prod(t.dims) == U.size
                 and np.array_equal(onnx.numpy_helper.to_array(t).reshape(-1), U.reshape(-1))]
         assert len(same) == 1 and same[0] in bases  # no second (e.g. transposed) copy
@@ -131,10 +133,32 @@ def test_shared_u_once_per_group(tmp_path):
     # every V as values + packed mask, sized by the sparse format
     for path, m in lm.model.named_modules():
         if isinstance(m, FipsLinear):
-            r, d_ff = m.V.shape
+            r, d_ff = len(keep[id(m.basis.weight)]), m.V.shape[1]
             assert len(inits[f"{path}.values"].raw_data) == 4 * m.nnz
             assert len(inits[f"{path}.mask"].raw_data) == (r * d_ff + 7) // 8
     assert report.audit["bases"] == {n: 4 for n in bases}
+
+
+def test_dead_basis_directions_dropped(tmp_path):
+    """Directions of U that no V row uses are left out of the file; the function is unchanged."""
+    lm = tiny("llama", "fips")
+    fips = [m for m in lm.model.modules() if isinstance(m, FipsLinear)]
+    basis = fips[0].basis
+    dead = [3, 5]  # prune rows 3 and 5 of every V on the first basis
+    with torch.no_grad():
+        for m in fips:
+            if m.basis is basis:
+                m.mask[dead] = False
+                m.apply_mask_()
+    report, out = run_export(lm, tmp_path)
+    assert report.passed, report.table()
+    keep = used_rank(lm.model)[id(basis.weight)]
+    assert not set(dead) & set(keep.tolist()) and len(keep) < basis.weight.shape[1]
+    inits = initializers(out)
+    assert list(inits["fips.basis.0"].dims) == [basis.weight.shape[0], len(keep)]
+    for path, m in lm.model.named_modules():
+        if isinstance(m, FipsLinear) and m.basis is basis:
+            assert len(inits[f"{path}.mask"].raw_data) == (len(keep) * m.V.shape[1] + 7) // 8
 
 
 @pytest.mark.parametrize("method", ["dense", "fips"])

@@ -166,6 +166,24 @@ def test_all_zero_and_all_one_masks(trans_b, fill, rows, cols):
             assert not y.any()
 
 
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 12, 20, 40, 512])
+def test_fips_like_row_profile(trans_b, tokens):
+    """A pruned FiPS V: density falls from ~75% in the first rows to nothing in the last third,
+    with some empty rows and empty 4-row blocks in between (the row skips, the nnz-balanced
+    splits and the prefetch of the few-token kernels)."""
+    rows, cols = 1024, 1536
+    rng = np.random.default_rng(tokens)
+    density = np.clip(0.75 * (1 - np.arange(rows) / 660), 0, None)[:, None]
+    mask = rng.random((rows, cols)) < density
+    mask[[5, 9, 10, 11, 12, 300]] = False
+    mask[1000, 7] = True  # one lone entry far into the empty tail
+    y, ref = run_native(rows, cols, trans_b, (tokens, cols if trans_b else rows), mask=mask, seed=tokens)
+    assert np.abs(y - ref).max() <= TOL
+    if trans_b:
+        assert not y[:, [5, 9, 10, 11, 12, 300]].any() and not y[:, 700:1000].any()
+
+
 @pytest.mark.parametrize("density", [0.02, 0.5, 0.9])
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_other_densities(density, trans_b):
@@ -200,8 +218,12 @@ def test_deterministic_across_runs_and_thread_counts(trans_b, tokens):
         assert np.array_equal(o, outs[0])
 
 
-def test_scalar_path_matches():
-    """The portable (non-AVX2) loops, forced in a fresh process."""
+@pytest.mark.parametrize("env", [{"FIPS_SPARSE_FORCE_SCALAR": "1"}, {"FIPS_SPARSE_ISA": "avx2"},
+                                 {"FIPS_SPARSE_EXPAND": "register"}], ids=["scalar", "avx2", "avx512-register-expand"])
+def test_other_isa_paths_match(env):
+    """The portable scalar loops, the AVX2 kernels on a machine with AVX-512, and the AVX-512 kernels'
+    register-expand form (the one AMD CPUs get), each forced in a fresh process (the library reads
+    these variables once)."""
     script = textwrap.dedent(
         """
         import numpy as np, sys
@@ -209,14 +231,15 @@ def test_scalar_path_matches():
         import test_native_kernel as t
         worst = 0.0
         for trans_b in (0, 1):
-            for rows, cols, lead in [(1024, 1536, (1, 1)), (1024, 1536, (1, 40)), (37, 45, (2, 3)), (50, 301, (7,))]:
+            for rows, cols, lead in [(1024, 1536, (1, 1)), (1024, 1536, (1, 40)), (37, 45, (2, 3)), (50, 301, (7,)),
+                                     (64, 264, (3,)), (96, 520, (1, 4))]:
                 y, ref = t.run_native(rows, cols, trans_b, (*lead, cols if trans_b else rows))
                 worst = max(worst, float(np.abs(y - ref).max()))
         print(worst)
         """
     ).format(tests=os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FIPS_SPARSE_FORCE_SCALAR="1")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, **env),
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert float(res.stdout.strip().splitlines()[-1]) <= TOL
 

@@ -280,9 +280,11 @@ def test_session_options(monkeypatch):
     assert calls == ["auto"] and facts["kernel"] == "native"
     assert so.intra_op_num_threads == 3 and not so.enable_mem_pattern
     assert so.get_session_config_entry("session.disable_prepacking") == "1"
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # native kernel -> no spinning
-    so, facts = session.session_options(kernel="reference", spinning=None)
-    assert facts["kernel"] == "reference" and facts["spinning"] is True and calls == ["auto"]
+    assert facts["spinning"] is True  # onnxruntime's default: the kernel runs on its pool
+    assert "session.intra_op.allow_spinning" not in facts["config_entries"]
+    so, facts = session.session_options(kernel="reference", spinning=False)
+    assert facts["kernel"] == "reference" and facts["spinning"] is False and calls == ["auto"]
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # the native kernel unavailable: auto falls back, native raises
     monkeypatch.setattr(native, "register", lambda so, kernel="auto": (_ for _ in ()).throw(RuntimeError("no cc")))
     assert session.session_options(kernel="auto")[1]["kernel"] == "reference"

@@ -11,11 +11,21 @@
 #else
 #define FIPS_HAVE_AVX2 0
 #endif
+// AVX-512F (built with -march=native on a CPU that has it): the few-token kernels read 16 mask
+// bits per step and expand the kept values with one vexpandps instead of a table permute.
+#if FIPS_HAVE_AVX2 && defined(__AVX512F__)
+#define FIPS_HAVE_AVX512 1
+#else
+#define FIPS_HAVE_AVX512 0
+#endif
 
 namespace fips {
 namespace {
 
 inline int popcnt32(unsigned x) { return __builtin_popcount(x); }
+
+// 0 = scalar, 1 = AVX2 + FMA, 2 = AVX-512F (few-token kernels); see simd_level() below.
+int simd_level();
 
 inline uint64_t load_u64(const uint8_t* p) {
   uint64_t v;
@@ -89,6 +99,23 @@ constexpr int64_t kBigTnt = 24;
 
 // Rows per task for transB = 1: 64 (fewer for small matrices so there are >= 8 tasks).
 int64_t nt_row_chunk(int64_t rows) { return std::max<int64_t>(8, std::min<int64_t>(64, ceil_div(rows, 8))); }
+
+// Row boundaries of `parts` slices holding about the same number of kept entries (the work of
+// the few-token kernels), each boundary a multiple of `align` rows. Pruning empties rows very
+// unevenly (the weakest basis directions of a FiPS V lose all their entries, the strongest
+// keep most), so equal row counts would leave one thread with most of the work. Depends only
+// on the mask, so the summation order stays fixed for every thread count.
+std::vector<int64_t> balanced_rows(const MaskTables& t, int64_t parts, int64_t align) {
+  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
+  b[0] = 0;
+  for (int64_t k = 1; k < parts; ++k) {
+    const int64_t target = t.nnz * k / parts;
+    int64_t r = std::lower_bound(t.row_off.begin(), t.row_off.end(), target) - t.row_off.begin();
+    r = std::min(t.rows, (r + align / 2) / align * align);
+    b[k] = std::max(b[k - 1], r);
+  }
+  return b;
+}
 
 // Packs a callable into the (fn, arg) pair the TaskRunner wants.
 template <class F>
@@ -198,6 +225,43 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Software prefetch of the weights the next row block will read, spread evenly over the
+// iterations of the current block: iteration `it` touches byte (it * bytes / iters) of the
+// next block's values (and of its mask bits). The hardware prefetchers alone leave the
+// few-token kernels waiting on memory (measured on SmolLM2 shapes, one thread, weights
+// streamed from DRAM: 1.76 -> 1.00 ns per 8 mask positions for transB = 0). Prefetches never
+// fault, so addresses past the end of the arrays are harmless.
+struct Prefetch {
+  const char* p = nullptr;
+  uint64_t step = 0;  // bytes per iteration, 16.16 fixed point
+  Prefetch() = default;
+  Prefetch(const void* start, int64_t bytes, int64_t iters)
+      : p(static_cast<const char*>(start)),
+        step(iters > 0 && bytes > 0 ? (static_cast<uint64_t>(bytes) << 16) / static_cast<uint64_t>(iters) : 0) {}
+  // no branch on step == 0 (an empty range prefetches p again): GCC 12 dropped the prefetch
+  // altogether when it was guarded by `if (step)`
+  inline void at(int64_t it) const { _mm_prefetch(p + ((static_cast<uint64_t>(it) * step) >> 16), _MM_HINT_T0); }
+};
+
+// Values and mask prefetchers for rows [r0, r1) of V, spread over `iters` iterations.
+struct RowsPrefetch {
+  Prefetch values, mask;
+  RowsPrefetch(const SparseMatrix& V, int64_t r0, int64_t r1, int64_t iters) {
+    const MaskTables& t = *V.t;
+    r0 = std::min(r0, t.rows);
+    r1 = std::min(r1, t.rows);
+    if (r1 <= r0) return;
+    values = Prefetch(V.values + t.row_off[r0], (t.row_off[r1] - t.row_off[r0]) * 4, iters);
+    const uint64_t b0 = (static_cast<uint64_t>(r0) * t.cols) >> 3, b1 = (static_cast<uint64_t>(r1) * t.cols + 7) >> 3;
+    // one prefetch per 64 bytes of mask is enough: issue it every (iters * 64 / bytes) iterations
+    mask = Prefetch(V.mask + b0, static_cast<int64_t>(b1 - b0), iters);
+  }
+  inline void at(int64_t it) const {
+    values.at(it);
+    if ((it & 7) == 0) mask.at(it);
+  }
+};
+
 // ---- many tokens: walk the kept entries, vectorize over 32 tokens --------------------
 // For many tokens each kept entry v at (r, c) is used for a block of kTB = 32 tokens at once:
 // broadcast v, multiply by the 32 token values of the matching input column and add into
@@ -290,6 +354,7 @@ void nt_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t r0, in
     const int64_t c1 = std::min(c0 + kChunkCols, cols);
     transpose_block(A + c0, cols, c1 - c0, t0, nt, AT);
     for (int64_t i = 0; i < nr; ++i) {
+      if (t.row_off[r0 + i + 1] == t.row_off[r0 + i]) continue;
       const uint64_t base = static_cast<uint64_t>(r0 + i) * cols;
       const int n = decode_cols<ALIGNED>(V.mask, V.mask_bytes, base, c0, c1, idx);
       if (n == 0) continue;
@@ -349,6 +414,7 @@ void nn_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t j, int
   transpose_block(A, rows, rows, t0, nt, AT);
   std::fill(YT, YT + w * kTB, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
+    if (t.row_off[r + 1] == t.row_off[r]) continue;
     const int n = decode_cols<ALIGNED>(V.mask, V.mask_bytes, static_cast<uint64_t>(r) * cols, c0, c1, idx);
     if (n == 0) continue;
     const float* v = V.values + t.row_off[r] + t.chunk_off[r * nch + j];
@@ -369,6 +435,147 @@ void nn_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t j, int
     for (int64_t i = 0; i < w; ++i) y[i] = YT[i * kTB + jj];
   }
 }
+
+#if FIPS_HAVE_AVX512
+// ---- AVX-512F, few tokens, byte-aligned rows (cols % 8 == 0) ----------------------------
+// Same walks as the AVX2 kernels below, 16 columns per step: the 16 mask bits of the step
+// are one 16-bit load, and the kept values become the dense 16 columns with one expand
+// (vexpandps: entry k goes to the lane of the k-th set bit, the other lanes are zeroed). The
+// loads never read past the kept entries (expand-load, or a load masked to popcount lanes:
+// masked-off lanes do not fault), so no row needs the "safe" variant. When cols % 16 == 8 the
+// last step covers 8 columns (8-bit mask, masked loads/stores of the activations).
+inline __mmask16 bits16(const uint8_t* row, int64_t c) {
+  uint16_t v;
+  std::memcpy(&v, row + (c >> 3), sizeof(v));
+  return static_cast<__mmask16>(v);
+}
+
+// MEM: the expand reads memory directly (fast on Intel); else masked load + register expand
+// (AMD Zen 4 microcodes the memory form).
+template <bool MEM>
+inline __m512 expand16(const float* v, __mmask16 m) {
+  if (MEM) return _mm512_maskz_expandloadu_ps(m, v);
+  const __mmask16 n = static_cast<__mmask16>((1u << popcnt32(m)) - 1u);
+  return _mm512_maskz_expand_ps(m, _mm512_maskz_loadu_ps(n, v));
+}
+
+// transB = 0: P[tt, :] += sum over rows r in [r, r + NR) of A[tt, r] * V[r, :] for TT tokens.
+template <int TT, int NR, bool MEM>
+inline void nn512_block(const SparseMatrix& V, const float* A, float* P, int64_t r, const RowsPrefetch& pf) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, cols = t.cols, c16 = cols & ~int64_t(15);
+  const uint8_t* mk[NR];
+  const float* v[NR];
+  __m512 a[TT][NR];
+  for (int i = 0; i < NR; ++i) {
+    mk[i] = V.mask + ((static_cast<uint64_t>(r + i) * cols) >> 3);
+    v[i] = V.values + t.row_off[r + i];
+    for (int tt = 0; tt < TT; ++tt) a[tt][i] = _mm512_set1_ps(A[tt * rows + r + i]);
+  }
+  for (int64_t c = 0; c < c16; c += 16) {
+    pf.at(c >> 4);
+    __m512 x[NR];
+    for (int i = 0; i < NR; ++i) {
+      const __mmask16 m = bits16(mk[i], c);
+      x[i] = expand16<MEM>(v[i], m);
+      v[i] += popcnt32(m);
+    }
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = P + tt * cols + c;
+      __m512 acc = _mm512_fmadd_ps(a[tt][0], x[0], _mm512_loadu_ps(y));
+      for (int i = 1; i < NR; ++i) acc = _mm512_fmadd_ps(a[tt][i], x[i], acc);
+      _mm512_storeu_ps(y, acc);
+    }
+  }
+  if (c16 < cols) {  // the last 8 columns
+    __m512 x[NR];
+    for (int i = 0; i < NR; ++i) x[i] = expand16<MEM>(v[i], static_cast<__mmask16>(mk[i][c16 >> 3]));
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = P + tt * cols + c16;
+      __m512 acc = _mm512_fmadd_ps(a[tt][0], x[0], _mm512_maskz_loadu_ps(0xFF, y));
+      for (int i = 1; i < NR; ++i) acc = _mm512_fmadd_ps(a[tt][i], x[i], acc);
+      _mm512_mask_storeu_ps(y, 0xFF, acc);
+    }
+  }
+}
+
+template <int TT, bool MEM>
+void nn512_rows(const SparseMatrix& V, const float* A, float* P, int64_t r0, int64_t r1) {
+  const MaskTables& t = *V.t;
+  const int64_t steps = std::max<int64_t>(1, t.cols >> 4);
+  std::fill(P, P + TT * t.cols, 0.0f);
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    if (t.row_off[r + 4] == t.row_off[r]) continue;  // four pruned-away rows
+    nn512_block<TT, 4, MEM>(V, A, P, r, RowsPrefetch(V, r + 4, std::min(r + 8, r1), steps));
+  }
+  for (; r < r1; ++r)
+    if (t.row_off[r + 1] != t.row_off[r]) nn512_block<TT, 1, MEM>(V, A, P, r, RowsPrefetch(V, r + 1, r + 2, steps));
+}
+
+// transB = 1: Y[tt, r + i] = V[r + i, :] . A[tt, :] for NR rows and TB tokens.
+template <int TB, int NR, bool MEM>
+inline void nt512_block(const SparseMatrix& V, const float* A, float* Y, int64_t r, const RowsPrefetch& pf) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, cols = t.cols, c16 = cols & ~int64_t(15);
+  const uint8_t* mk[NR];
+  const float* v[NR];
+  __m512 acc[NR][TB];
+  for (int i = 0; i < NR; ++i) {
+    mk[i] = V.mask + ((static_cast<uint64_t>(r + i) * cols) >> 3);
+    v[i] = V.values + t.row_off[r + i];
+    for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < c16; c += 16) {
+    pf.at(c >> 4);
+    __m512 a[TB];
+    for (int tt = 0; tt < TB; ++tt) a[tt] = _mm512_loadu_ps(A + tt * cols + c);
+    for (int i = 0; i < NR; ++i) {
+      const __mmask16 m = bits16(mk[i], c);
+      const __m512 x = expand16<MEM>(v[i], m);
+      v[i] += popcnt32(m);
+      for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_fmadd_ps(x, a[tt], acc[i][tt]);
+    }
+  }
+  if (c16 < cols) {
+    __m512 a[TB];
+    for (int tt = 0; tt < TB; ++tt) a[tt] = _mm512_maskz_loadu_ps(0xFF, A + tt * cols + c16);
+    for (int i = 0; i < NR; ++i) {
+      const __m512 x = expand16<MEM>(v[i], static_cast<__mmask16>(mk[i][c16 >> 3]));
+      for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_fmadd_ps(x, a[tt], acc[i][tt]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r + i] = _mm512_reduce_add_ps(acc[i][tt]);
+}
+
+template <int TB, bool MEM>
+void nt512_rows(const SparseMatrix& V, const float* A, float* Y, int64_t r0, int64_t r1) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, steps = std::max<int64_t>(1, t.cols >> 4);
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    if (t.row_off[r + 4] == t.row_off[r]) {  // four pruned-away rows: outputs 0
+      for (int tt = 0; tt < TB; ++tt) std::fill(Y + tt * rows + r, Y + tt * rows + r + 4, 0.0f);
+      continue;
+    }
+    nt512_block<TB, 4, MEM>(V, A, Y, r, RowsPrefetch(V, r + 4, std::min(r + 8, r1), steps));
+  }
+  for (; r < r1; ++r) nt512_block<TB, 1, MEM>(V, A, Y, r, RowsPrefetch(V, r + 1, r + 2, steps));
+}
+
+// Intel: expand straight from memory; others (AMD): masked load + register expand.
+// FIPS_SPARSE_EXPAND=register forces the second form (tests run both on any AVX-512 machine).
+bool expand_from_memory() {
+  static const bool mem = [] {
+    const char* e = std::getenv("FIPS_SPARSE_EXPAND");
+    if (e && std::strcmp(e, "register") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return mem;
+}
+#endif  // FIPS_HAVE_AVX512
 
 // ---- transB = 0, few tokens: walk the rows of V, y += a * x ------------------------------
 // Each row r adds A[t, r] * V[r, :] to the TT output rows (TT <= 8 rows of `cols` floats,
@@ -403,13 +610,14 @@ inline void nn_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
 template <int TT>
 inline void nn_row4(const uint8_t* mask, uint64_t base, uint64_t row_bits, const float* v0,
                     const float* v1, const float* v2, const float* v3, const __m256 (*a)[4], float* Y,
-                    int64_t ldy, int64_t c0, int64_t cfull) {
+                    int64_t ldy, int64_t c0, int64_t cfull, const RowsPrefetch& pf) {
   const uint8_t* mk0 = mask + (base >> 3);
   const uint8_t* mk1 = mask + ((base + row_bits) >> 3);
   const uint8_t* mk2 = mask + ((base + 2 * row_bits) >> 3);
   const uint8_t* mk3 = mask + ((base + 3 * row_bits) >> 3);
   for (int64_t c = c0; c < cfull; c += 8) {
     const int64_t b = c >> 3;
+    pf.at(b);
     const unsigned m0 = mk0[b], m1 = mk1[b], m2 = mk2[b], m3 = mk3[b];
     const __m256 x0 = expand8(_mm256_loadu_ps(v0), m0);
     const __m256 x1 = expand8(_mm256_loadu_ps(v1), m1);
@@ -445,15 +653,18 @@ void nn_small_rows(const SparseMatrix& V, const float* A, float* P, int64_t r0, 
   if constexpr (ALIGNED) {
     const int64_t r4_end = std::min(r1, t.fast_rows);
     for (; r + 4 <= r4_end; r += 4) {
+      if (t.row_off[r + 4] == t.row_off[r]) continue;  // four pruned-away rows
       __m256 a[TT][4];
       for (int i = 0; i < 4; ++i)
         for (int tt = 0; tt < TT; ++tt) a[tt][i] = _mm256_set1_ps(A[tt * rows + r + i]);
       nn_row4<TT>(V.mask, static_cast<uint64_t>(r) * cols, static_cast<uint64_t>(cols),
                            V.values + t.row_off[r], V.values + t.row_off[r + 1], V.values + t.row_off[r + 2],
-                           V.values + t.row_off[r + 3], a, P, cols, 0, cfull);
+                           V.values + t.row_off[r + 3], a, P, cols, 0, cfull,
+                           RowsPrefetch(V, r + 4, std::min(r + 8, r1), cfull >> 3));
     }
   }
   for (; r < r1; ++r) {
+    if (t.row_off[r + 1] == t.row_off[r]) continue;
     const float* v = V.values + t.row_off[r];
     __m256 a[TT];
     for (int tt = 0; tt < TT; ++tt) a[tt] = _mm256_set1_ps(A[tt * rows + r]);
@@ -467,6 +678,27 @@ void nn_small_rows(const SparseMatrix& V, const float* A, float* P, int64_t r0, 
 
 template <bool ALIGNED>
 void nn_walk_dispatch(int64_t tt, const SparseMatrix& V, const float* A, float* P, int64_t r0, int64_t r1) {
+#if FIPS_HAVE_AVX512
+  if (ALIGNED && simd_level() >= 2) {
+    if (expand_from_memory()) {
+      switch (tt) {
+        case 1: nn512_rows<1, true>(V, A, P, r0, r1); return;
+        case 2: nn512_rows<2, true>(V, A, P, r0, r1); return;
+        case 3: nn512_rows<3, true>(V, A, P, r0, r1); return;
+        case 4: nn512_rows<4, true>(V, A, P, r0, r1); return;
+        default: break;
+      }
+    } else {
+      switch (tt) {
+        case 1: nn512_rows<1, false>(V, A, P, r0, r1); return;
+        case 2: nn512_rows<2, false>(V, A, P, r0, r1); return;
+        case 3: nn512_rows<3, false>(V, A, P, r0, r1); return;
+        case 4: nn512_rows<4, false>(V, A, P, r0, r1); return;
+        default: break;
+      }
+    }
+  }
+#endif
   switch (tt) {
     case 1: nn_small_rows<1, ALIGNED>(V, A, P, r0, r1); break;
     case 2: nn_small_rows<2, ALIGNED>(V, A, P, r0, r1); break;
@@ -487,10 +719,10 @@ void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
     // own partial output, then add the partials in slice order: sequential streaming of
     // values/mask, and the result does not depend on which thread ran which slice.
     const int64_t nsplit = nn_row_splits(rows);
-    const int64_t per = ceil_div(rows, nsplit);
+    const std::vector<int64_t> bound = balanced_rows(*V.t, nsplit, 4);
     std::vector<float> partial(static_cast<size_t>((nsplit - 1) * T * cols));
     run_tasks(runner, static_cast<size_t>(nsplit), [&](size_t i) {
-      const int64_t r0 = static_cast<int64_t>(i) * per, r1 = std::min(r0 + per, rows);
+      const int64_t r0 = bound[i], r1 = bound[i + 1];
       float* P = i == 0 ? Y : partial.data() + (i - 1) * T * cols;
       nn_walk_dispatch<ALIGNED>(T, V, A, P, r0, r1);
     });
@@ -521,7 +753,7 @@ void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
 // small.
 template <int TB, int U, bool ALIGNED, bool SAFE>
 inline void nt_row(const uint8_t* mask, size_t nbytes, uint64_t base, const float* v,
-                   const float* A, int64_t cols, float* out, int64_t ldy) {
+                   const float* A, int64_t cols, float* out, int64_t ldy, const RowsPrefetch& pf) {
   __m256 acc[U][TB];
   for (int u = 0; u < U; ++u)
     for (int tt = 0; tt < TB; ++tt) acc[u][tt] = _mm256_setzero_ps();
@@ -529,6 +761,7 @@ inline void nt_row(const uint8_t* mask, size_t nbytes, uint64_t base, const floa
   const RowBits<ALIGNED> bits(mask, nbytes, base);
   int64_t c = 0;
   for (; c + 8 * U <= cfull; c += 8 * U) {
+    pf.at(c / (8 * U));
     for (int u = 0; u < U; ++u) {
       const unsigned m = bits(c + 8 * u);
       const __m256 x = expand8(load_vals<SAFE>(v, m), m);
@@ -563,16 +796,28 @@ constexpr int kNTTile = 4;  // tokens per register block (transB = 1, T < kBigTn
 
 template <int TB, bool ALIGNED>
 void nt_rows(const SparseMatrix& V, const float* A, float* Y, int64_t r0, int64_t r1) {
+#if FIPS_HAVE_AVX512
+  if (ALIGNED && simd_level() >= 2) {
+    if (expand_from_memory()) nt512_rows<TB, true>(V, A, Y, r0, r1);
+    else nt512_rows<TB, false>(V, A, Y, r0, r1);
+    return;
+  }
+#endif
   constexpr int U = TB == 1 ? 4 : (TB == 2 ? 2 : 1);
   const MaskTables& t = *V.t;
   const int64_t rows = t.rows, cols = t.cols;
   for (int64_t r = r0; r < r1; ++r) {
+    if (t.row_off[r + 1] == t.row_off[r]) {  // a pruned-away row: its outputs are 0
+      for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r] = 0.0f;
+      continue;
+    }
     const float* v = V.values + t.row_off[r];
     const uint64_t base = static_cast<uint64_t>(r) * cols;
+    const RowsPrefetch pf(V, r + 1, std::min(r + 2, r1), (cols & ~int64_t(7)) / (8 * U));
     if (r < t.fast_rows)
-      nt_row<TB, U, ALIGNED, false>(V.mask, V.mask_bytes, base, v, A, cols, Y + r, rows);
+      nt_row<TB, U, ALIGNED, false>(V.mask, V.mask_bytes, base, v, A, cols, Y + r, rows, pf);
     else
-      nt_row<TB, U, ALIGNED, true>(V.mask, V.mask_bytes, base, v, A, cols, Y + r, rows);
+      nt_row<TB, U, ALIGNED, true>(V.mask, V.mask_bytes, base, v, A, cols, Y + r, rows, pf);
   }
 }
 
@@ -582,18 +827,21 @@ void nt_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
   if (T >= kBigTnt) {
     const int64_t rcb = 256;  // rows per task: the transposed token block is reused for them
     const int64_t nrc = ceil_div(rows, rcb), nblk = ceil_div(T, kTB);
+    const std::vector<int64_t> bound = balanced_rows(*V.t, nrc, 8);
     run_tasks(runner, static_cast<size_t>(nrc * nblk), [&](size_t task) {
       const int64_t i = static_cast<int64_t>(task) % nrc, b = static_cast<int64_t>(task) / nrc;
-      nt_big_task<ALIGNED>(V, A, Y, i * rcb, std::min(rows, (i + 1) * rcb), b * kTB,
+      if (bound[i] == bound[i + 1]) return;
+      nt_big_task<ALIGNED>(V, A, Y, bound[i], bound[i + 1], b * kTB,
                            static_cast<int>(std::min<int64_t>(kTB, T - b * kTB)));
     });
     return;
   }
   const int64_t rc = nt_row_chunk(rows);
   const int64_t nrc = ceil_div(rows, rc), ntok = ceil_div(T, kTokenChunk);
+  const std::vector<int64_t> bound = balanced_rows(*V.t, nrc, 1);
   run_tasks(runner, static_cast<size_t>(nrc * ntok), [&](size_t task) {
     const int64_t i = static_cast<int64_t>(task) % nrc, tk = static_cast<int64_t>(task) / nrc;
-    const int64_t r0 = i * rc, r1 = std::min(r0 + rc, rows);
+    const int64_t r0 = bound[i], r1 = bound[i + 1];
     const int64_t t0 = tk * kTokenChunk, t1 = std::min(t0 + kTokenChunk, T);
     for (int64_t tb = t0; tb < t1; tb += kNTTile) {
       const int nb = static_cast<int>(std::min<int64_t>(kNTTile, t1 - tb));
@@ -613,19 +861,28 @@ void nt_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
 
 }  // namespace
 
-bool simd_enabled() {
-#if FIPS_HAVE_AVX2
-  static const bool on = [] {
+namespace {
+int simd_level() {
+  static const int level = [] {
     const char* e = std::getenv("FIPS_SPARSE_FORCE_SCALAR");
-    return !(e && e[0] && e[0] != '0');
+    if (!FIPS_HAVE_AVX2 || (e && e[0] && e[0] != '0')) return 0;
+    const char* isa = std::getenv("FIPS_SPARSE_ISA");  // "avx2": leave the AVX-512 kernels out
+    if (FIPS_HAVE_AVX512 && !(isa && std::strcmp(isa, "avx2") == 0)) return 2;
+    return 1;
   }();
-  return on;
-#else
-  return false;
-#endif
+  return level;
 }
+}  // namespace
 
-const char* kernel_isa() { return simd_enabled() ? "avx2-fma" : "scalar"; }
+bool simd_enabled() { return simd_level() > 0; }
+
+const char* kernel_isa() {
+  switch (simd_level()) {
+    case 2: return "avx512f+avx2-fma";
+    case 1: return "avx2-fma";
+    default: return "scalar";
+  }
+}
 
 void build_tables(const uint8_t* mask, int64_t rows, int64_t cols, bool with_chunks, MaskTables* out) {
   out->rows = rows;

@@ -77,7 +77,8 @@ void spmm_nn(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
 void spmm_nt(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run);
 
 // true when the AVX2/FMA code path is compiled in and not disabled via
-// FIPS_SPARSE_FORCE_SCALAR=1 (read once).
+// FIPS_SPARSE_FORCE_SCALAR=1 (read once). FIPS_SPARSE_ISA=avx2 leaves out the AVX-512F
+// few-token kernels that a -march=native build on an AVX-512 CPU has.
 bool simd_enabled();
 const char* kernel_isa();
 
