@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -315,16 +316,55 @@ inline int decode_cols(const uint8_t* mask, size_t nbytes, uint64_t base, int64_
 }
 
 // AT[k * kTB + j] = A[(t0 + j) * lda + k] for k < width, j < nt; 0 for nt <= j < kTB.
+// A float buffer aligned to 64 bytes: every 32-token row of a transposed block (128 bytes) then
+// starts on a cache line, so no 32- or 64-byte load of it splits across two lines.
+struct AlignedFloats {
+  float* p = nullptr;
+  size_t cap = 0;
+  AlignedFloats() = default;
+  explicit AlignedFloats(size_t n) { reserve(n); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  ~AlignedFloats() { std::free(p); }
+  void reserve(size_t n) {
+    if (n <= cap) return;
+    std::free(p);
+    p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
+    if (!p) throw std::bad_alloc();
+    cap = n;
+  }
+  float* data() const { return p; }
+};
+
+// Tiled over 16 columns of A so the 16 x 32 destination tile stays in L1 while each source row
+// is read 64 contiguous bytes at a time.
 void transpose_block(const float* A, int64_t lda, int64_t width, int64_t t0, int nt, float* AT) {
   if (nt < kTB) std::fill(AT, AT + width * kTB, 0.0f);
-  for (int j = 0; j < nt; ++j) {
-    const float* src = A + (t0 + j) * lda;
-    for (int64_t k = 0; k < width; ++k) AT[k * kTB + j] = src[k];
+  constexpr int64_t kTile = 16;
+  for (int64_t k0 = 0; k0 < width; k0 += kTile) {
+    const int64_t k1 = std::min(k0 + kTile, width);
+    for (int j = 0; j < nt; ++j) {
+      const float* src = A + (t0 + j) * lda;
+      for (int64_t k = k0; k < k1; ++k) AT[k * kTB + j] = src[k];
+    }
   }
 }
 
+// A [T, K] -> ceil(T / 32) token blocks, block b = [K, 32] (the layout transpose_block writes),
+// done once per call, before the tasks: each task then reads its block instead of
+// re-transposing it (the column-chunk tasks of transB = 0 and the row-chunk tasks of
+// transB = 1 would otherwise transpose the same tokens 12 and 4 times for SmolLM2 shapes).
+void transpose_all(const float* A, int64_t T, int64_t K, const TaskRunner& runner, AlignedFloats& out) {
+  const int64_t nblk = ceil_div(T, kTB);
+  out.reserve(static_cast<size_t>(nblk * K * kTB));
+  run_tasks(runner, static_cast<size_t>(nblk), [&](size_t b) {
+    const int64_t t0 = static_cast<int64_t>(b) * kTB;
+    transpose_block(A, K, K, t0, static_cast<int>(std::min<int64_t>(kTB, T - t0)), out.data() + b * K * kTB);
+  });
+}
+
 struct BigScratch {
-  std::vector<float> at, yt;
+  AlignedFloats yt;
   std::vector<int32_t> idx;
   std::vector<int64_t> ptr;
 };
@@ -337,22 +377,21 @@ BigScratch& big_scratch() {
 // of kChunkCols so the transposed slice of A (kChunkCols x 32 floats = 16 KiB) stays in L1;
 // per-row partial sums (32 floats per row) carry over from chunk to chunk.
 template <bool ALIGNED>
-void nt_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t r0, int64_t r1, int64_t t0, int nt) {
+void nt_big_task(const SparseMatrix& V, const float* ATb, float* Y, int64_t r0, int64_t r1, int64_t t0, int nt) {
   const MaskTables& t = *V.t;
   const int64_t rows = t.rows, cols = t.cols, nr = r1 - r0;
   BigScratch& sc = big_scratch();
-  sc.at.resize(static_cast<size_t>(kChunkCols * kTB));
-  sc.yt.assign(static_cast<size_t>(nr * kTB), 0.0f);
+  sc.yt.reserve(static_cast<size_t>(nr * kTB));
+  std::fill(sc.yt.data(), sc.yt.data() + nr * kTB, 0.0f);
   sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
   sc.ptr.resize(static_cast<size_t>(nr));
-  float* AT = sc.at.data();
   float* acc_rows = sc.yt.data();
   int32_t* idx = sc.idx.data();
   int64_t* ptr = sc.ptr.data();
   for (int64_t i = 0; i < nr; ++i) ptr[i] = t.row_off[r0 + i];
   for (int64_t c0 = 0; c0 < cols; c0 += kChunkCols) {
     const int64_t c1 = std::min(c0 + kChunkCols, cols);
-    transpose_block(A + c0, cols, c1 - c0, t0, nt, AT);
+    const float* AT = ATb + c0 * kTB;
     for (int64_t i = 0; i < nr; ++i) {
       if (t.row_off[r0 + i + 1] == t.row_off[r0 + i]) continue;
       const uint64_t base = static_cast<uint64_t>(r0 + i) * cols;
@@ -400,18 +439,15 @@ void nt_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t r0, in
 // transB = 0: columns [c0, c1) (chunk j) of Y for tokens [t0, t0 + nt). YT[(c - c0) * kTB + jj]
 // accumulates A[t0 + jj, r] * V[r, c] over the rows r in storage order.
 template <bool ALIGNED>
-void nn_big_task(const SparseMatrix& V, const float* A, float* Y, int64_t j, int64_t t0, int nt) {
+void nn_big_task(const SparseMatrix& V, const float* AT, float* Y, int64_t j, int64_t t0, int nt) {
   const MaskTables& t = *V.t;
   const int64_t rows = t.rows, cols = t.cols, nch = t.nchunks;
   const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols), w = c1 - c0;
   BigScratch& sc = big_scratch();
-  sc.at.resize(static_cast<size_t>(rows * kTB));
-  sc.yt.resize(static_cast<size_t>(kChunkCols * kTB));
+  sc.yt.reserve(static_cast<size_t>(kChunkCols * kTB));
   sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
-  float* AT = sc.at.data();
   float* YT = sc.yt.data();
   int32_t* idx = sc.idx.data();
-  transpose_block(A, rows, rows, t0, nt, AT);
   std::fill(YT, YT + w * kTB, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     if (t.row_off[r + 1] == t.row_off[r]) continue;
@@ -574,6 +610,97 @@ bool expand_from_memory() {
     return __builtin_cpu_is("intel") != 0;
   }();
   return mem;
+}
+
+// ---- AVX-512F, many tokens: the entry-list kernels with 16-lane vectors --------------------
+// Same data flow as nt_big_task / nn_big_task (transposed 32-token blocks, kept entries listed
+// per row and column chunk), but the 32 tokens of an entry are two zmm vectors instead of four
+// ymm, which halves the loads, FMAs and (transB = 0) stores per kept entry.
+template <bool ALIGNED>
+void nt512_big_task(const SparseMatrix& V, const float* ATb, float* Y, int64_t r0, int64_t r1, int64_t t0, int nt) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, cols = t.cols, nr = r1 - r0;
+  BigScratch& sc = big_scratch();
+  sc.yt.reserve(static_cast<size_t>(nr * kTB));
+  std::fill(sc.yt.data(), sc.yt.data() + nr * kTB, 0.0f);
+  sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
+  sc.ptr.resize(static_cast<size_t>(nr));
+  float* acc_rows = sc.yt.data();
+  int32_t* idx = sc.idx.data();
+  int64_t* ptr = sc.ptr.data();
+  for (int64_t i = 0; i < nr; ++i) ptr[i] = t.row_off[r0 + i];
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunkCols) {
+    const int64_t c1 = std::min(c0 + kChunkCols, cols);
+    const float* AT = ATb + c0 * kTB;
+    for (int64_t i = 0; i < nr; ++i) {
+      if (t.row_off[r0 + i + 1] == t.row_off[r0 + i]) continue;
+      const int n = decode_cols<ALIGNED>(V.mask, V.mask_bytes, static_cast<uint64_t>(r0 + i) * cols, c0, c1, idx);
+      if (n == 0) continue;
+      const float* v = V.values + ptr[i];
+      ptr[i] += n;
+      float* out = acc_rows + i * kTB;
+      // four entries per step, eight independent accumulators (FMA latency x throughput)
+      __m512 a0 = _mm512_loadu_ps(out), a1 = _mm512_loadu_ps(out + 16);
+      __m512 b0 = _mm512_setzero_ps(), b1 = b0, c0v = b0, c1v = b0, d0 = b0, d1 = b0;
+      int k = 0;
+      for (; k + 4 <= n; k += 4) {
+        const float* p = AT + idx[k];
+        const float* q = AT + idx[k + 1];
+        const float* u = AT + idx[k + 2];
+        const float* w = AT + idx[k + 3];
+        const __m512 vp = _mm512_set1_ps(v[k]), vq = _mm512_set1_ps(v[k + 1]);
+        const __m512 vu = _mm512_set1_ps(v[k + 2]), vw = _mm512_set1_ps(v[k + 3]);
+        a0 = _mm512_fmadd_ps(vp, _mm512_loadu_ps(p), a0);
+        a1 = _mm512_fmadd_ps(vp, _mm512_loadu_ps(p + 16), a1);
+        b0 = _mm512_fmadd_ps(vq, _mm512_loadu_ps(q), b0);
+        b1 = _mm512_fmadd_ps(vq, _mm512_loadu_ps(q + 16), b1);
+        c0v = _mm512_fmadd_ps(vu, _mm512_loadu_ps(u), c0v);
+        c1v = _mm512_fmadd_ps(vu, _mm512_loadu_ps(u + 16), c1v);
+        d0 = _mm512_fmadd_ps(vw, _mm512_loadu_ps(w), d0);
+        d1 = _mm512_fmadd_ps(vw, _mm512_loadu_ps(w + 16), d1);
+      }
+      for (; k < n; ++k) {
+        const float* p = AT + idx[k];
+        const __m512 vp = _mm512_set1_ps(v[k]);
+        a0 = _mm512_fmadd_ps(vp, _mm512_loadu_ps(p), a0);
+        a1 = _mm512_fmadd_ps(vp, _mm512_loadu_ps(p + 16), a1);
+      }
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(c0v, d0)));
+      _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1v, d1)));
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i)
+    for (int j = 0; j < nt; ++j) Y[(t0 + j) * rows + r0 + i] = acc_rows[i * kTB + j];
+}
+
+template <bool ALIGNED>
+void nn512_big_task(const SparseMatrix& V, const float* AT, float* Y, int64_t j, int64_t t0, int nt) {
+  const MaskTables& t = *V.t;
+  const int64_t rows = t.rows, cols = t.cols, nch = t.nchunks;
+  const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols), w = c1 - c0;
+  BigScratch& sc = big_scratch();
+  sc.yt.reserve(static_cast<size_t>(kChunkCols * kTB));
+  sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
+  float* YT = sc.yt.data();
+  int32_t* idx = sc.idx.data();
+  std::fill(YT, YT + w * kTB, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (t.row_off[r + 1] == t.row_off[r]) continue;
+    const int n = decode_cols<ALIGNED>(V.mask, V.mask_bytes, static_cast<uint64_t>(r) * cols, c0, c1, idx);
+    if (n == 0) continue;
+    const float* v = V.values + t.row_off[r] + t.chunk_off[r * nch + j];
+    const __m512 x0 = _mm512_loadu_ps(AT + r * kTB), x1 = _mm512_loadu_ps(AT + r * kTB + 16);
+    for (int k = 0; k < n; ++k) {  // the columns of a row are distinct: no dependency between entries
+      float* y = YT + idx[k];
+      const __m512 wv = _mm512_set1_ps(v[k]);
+      _mm512_storeu_ps(y, _mm512_fmadd_ps(wv, x0, _mm512_loadu_ps(y)));
+      _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(wv, x1, _mm512_loadu_ps(y + 16)));
+    }
+  }
+  for (int jj = 0; jj < nt; ++jj) {
+    float* y = Y + (t0 + jj) * cols + c0;
+    for (int64_t i = 0; i < w; ++i) y[i] = YT[i * kTB + jj];
+  }
 }
 #endif  // FIPS_HAVE_AVX512
 
@@ -741,9 +868,16 @@ void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
     });
   } else {
     const int64_t nblk = ceil_div(T, kTB);
+    AlignedFloats at;
+    transpose_all(A, T, rows, runner, at);
     run_tasks(runner, static_cast<size_t>(nch * nblk), [&](size_t task) {
       const int64_t j = static_cast<int64_t>(task) % nch, b = static_cast<int64_t>(task) / nch;
-      nn_big_task<ALIGNED>(V, A, Y, j, b * kTB, static_cast<int>(std::min<int64_t>(kTB, T - b * kTB)));
+      const int nt = static_cast<int>(std::min<int64_t>(kTB, T - b * kTB));
+      const float* atb = at.data() + b * rows * kTB;
+#if FIPS_HAVE_AVX512
+      if (simd_level() >= 2) return nn512_big_task<ALIGNED>(V, atb, Y, j, b * kTB, nt);
+#endif
+      nn_big_task<ALIGNED>(V, atb, Y, j, b * kTB, nt);
     });
   }
 }
@@ -828,11 +962,17 @@ void nt_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
     const int64_t rcb = 256;  // rows per task: the transposed token block is reused for them
     const int64_t nrc = ceil_div(rows, rcb), nblk = ceil_div(T, kTB);
     const std::vector<int64_t> bound = balanced_rows(*V.t, nrc, 8);
+    AlignedFloats at;
+    transpose_all(A, T, cols, runner, at);
     run_tasks(runner, static_cast<size_t>(nrc * nblk), [&](size_t task) {
       const int64_t i = static_cast<int64_t>(task) % nrc, b = static_cast<int64_t>(task) / nrc;
       if (bound[i] == bound[i + 1]) return;
-      nt_big_task<ALIGNED>(V, A, Y, bound[i], bound[i + 1], b * kTB,
-                           static_cast<int>(std::min<int64_t>(kTB, T - b * kTB)));
+      const int nt = static_cast<int>(std::min<int64_t>(kTB, T - b * kTB));
+      const float* atb = at.data() + b * cols * kTB;
+#if FIPS_HAVE_AVX512
+      if (simd_level() >= 2) return nt512_big_task<ALIGNED>(V, atb, Y, bound[i], bound[i + 1], b * kTB, nt);
+#endif
+      nt_big_task<ALIGNED>(V, atb, Y, bound[i], bound[i + 1], b * kTB, nt);
     });
     return;
   }
