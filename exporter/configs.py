@@ -50,6 +50,14 @@ class ExportConfig:
     def validate(self, session) -> list[OutputCheck]:
         raise NotImplementedError
 
+    def hand_built(self, build_fn, **kwargs) -> tuple[onnx.ModelProto, dict[str, str]]:
+        """``build`` for the hand-built graphs: ``build_fn(builder, model, **kwargs)`` on a fresh
+        GraphBuilder that knows the model's used FiPS basis directions."""
+        b = GraphBuilder(self.dtype, self.opset)
+        plan_fips(b, self.model)
+        build_fn(b, self.model, **kwargs)
+        return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
+
     def config_json(self) -> dict:
         return {}
 
@@ -73,10 +81,7 @@ class CausalLMConfig(ExportConfig):
 
     def build(self, scratch):
         from .decoder import build_causal_lm
-        b = GraphBuilder(self.dtype, self.opset)
-        plan_fips(b, self.model)
-        build_causal_lm(b, self.model, family=self.family, last_logits_only=self.last_logits_only)
-        return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
+        return self.hand_built(build_causal_lm, family=self.family, last_logits_only=self.last_logits_only)
 
     # -- validation: a left-padded batch of two prompts, then one decode step with the KV cache
     def _prompt_batch(self):
@@ -195,10 +200,7 @@ class BertConfig(ExportConfig):
 
     def build(self, scratch):
         from .encoder import build_encoder
-        b = GraphBuilder(self.dtype, self.opset)
-        plan_fips(b, self.model)
-        build_encoder(b, self.model)
-        return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
+        return self.hand_built(build_encoder)
 
     def _batch(self):
         tok = self.lm.tokenizer

@@ -81,14 +81,11 @@ def _basis_name(b: GraphBuilder, basis) -> str:
     key = id(basis.weight)
     if key not in names:
         keep = _keep(b, basis)
-        U = basis.weight if keep is None else basis.weight.detach()[:, torch_index(keep)]
+        # the trimmed U goes in as a numpy array: GraphBuilder.weight deduplicates torch tensors by data
+        # pointer, and a temporary tensor's memory can be reused by the next one
+        U = basis.weight if keep is None else np.ascontiguousarray(basis.weight.detach().float().cpu().numpy()[:, keep])
         names[key] = b.weight(U, f"fips.basis.{len(names)}", tag="mlp")
     return names[key]
-
-
-def torch_index(keep: np.ndarray):
-    import torch
-    return torch.from_numpy(keep.astype(np.int64))
 
 
 def _packed(b: GraphBuilder, m: FipsLinear) -> tuple[np.ndarray, np.ndarray, int, int]:

@@ -18,7 +18,6 @@ full Cholesky factor of its own d_ff-side input (V is dense here, so no sparsity
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -26,10 +25,10 @@ import torch
 
 from .adapters import Adapter, get_submodule, linear_paths, stage_of_layer
 from .budget import consecutive_groups, rank_for_budget
-from .capture import mlp_chain, run_chain, teacher_io
+from .capture import mlp_chain, teacher_io
 from .decompose import left_singular_vectors, normalized_cov, whitening_factor
 from .errors import FipsError
-from .fips import GroupPlan, install_group
+from .fips import GroupPlan, fit_mlps_local, install_group, loss_summary
 from .modules import FipsLinear
 from .sparse_format import mask_nbytes
 
@@ -241,11 +240,10 @@ def train_local_(model, adapter: Adapter, teacher, layer_groups: list[list[int]]
                  steps: int, lr: float, batch_tokens: int, weight_decay: float = 0.0, seed: int = 0,
                  device: torch.device | str = "cpu", progress: bool = False) -> list[dict]:
     """Teacher-forced MSE of the MLPs of each layer group (jointly), every FipsLinear parameter of the
-    group trained (bases, V, biases; V stays inside its mask). Same optimizer (AdamW, betas 0.9/0.95),
-    warm-up + cosine schedule, per-MLP normalized loss and token sampler (seed + group index) as the
-    FiPS engine's ``train_group_local``, so equal settings mean equal training. The teacher (the dense
+    group trained (bases, V, biases; V stays inside its mask), by the FiPS engine's own local-fit loop
+    (``fips_rt.fips.fit_mlps_local``: same optimizer, schedule, loss and token sampler, seed + group
+    index), without its mask schedule: the baselines' masks stay as initialized. The teacher (the dense
     model) gives every MLP its dense input and target."""
-    from tqdm.auto import tqdm
     device = torch.device(device)
     paths = linear_paths(model, adapter)
     out = []
@@ -253,43 +251,12 @@ def train_local_(model, adapter: Adapter, teacher, layer_groups: list[list[int]]
         mods = [get_submodule(model, p) for li in layers for p, _ in paths[li]]
         if not all(isinstance(m, FipsLinear) for m in mods):
             raise FipsError(f"layers {layers}: local training needs FipsLinear modules (compress first).")
-        params = list({id(p): p for m in mods
-                       for p in [m.basis.weight, m.V] + ([m.bias] if m.bias is not None else [])}.values())
         X, Y = teacher_io(teacher, adapter, layers, batches, progress)
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-        warm = max(1, steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1))))
-        chains = {li: mlp_chain(model, adapter, li) for li in layers}
-        norms = {li: float(Y[li].pow(2).mean()) + 1e-12 for li in layers}
-        n_tok = X[layers[0]].shape[0]
-        gen = torch.Generator().manual_seed(seed + gi)
-        use_amp = device.type == "cuda"
-        losses = []
-        for _ in tqdm(range(steps), desc=f"local group {gi}", disable=not progress, leave=False):
-            idx = torch.randint(0, n_tok, (min(batch_tokens, n_tok),), generator=gen)
-            loss = 0.0
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                for li in layers:
-                    x, y = X[li][idx].to(device), Y[li][idx].to(device)
-                    loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for m in mods:
-                m.V.grad.mul_(m.mask)
-            opt.step()
-            sched.step()
-            for m in mods:
-                m.apply_mask_()
-            losses.append(float(loss.detach()))
-        for p in params:
-            p.requires_grad_(False)
+        losses = fit_mlps_local(model, adapter, list(layers), mods, X, Y, steps=steps, lr=lr,
+                                weight_decay=weight_decay, batch_tokens=batch_tokens, seed=seed + gi, device=device,
+                                desc=f"local group {gi}", progress=progress)
         del X, Y
-        tail = losses[-10:]
-        out.append({"layers": list(layers), "loss_first": losses[0] if losses else None,
-                    "loss_last": sum(tail) / len(tail) if tail else None})
+        out.append({"layers": list(layers), **loss_summary(losses)})
     model.eval()
     return out
 

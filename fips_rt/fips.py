@@ -116,71 +116,109 @@ def install_group(model, plan: GroupPlan, U: torch.Tensor, Vs, masks, device) ->
 
 
 # --------------------------------------------------------------------------- local error minimization
-def train_group_local(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsLinear], col_scales, cfg: FipsConfig,
-                      X: dict, Y: dict, device, progress=False) -> dict:
-    """Teacher-forced MSE of every MLP of the group (trained jointly: they share U), GMP/RigL/N:M on V."""
+def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLinear], X: dict, Y: dict, *,
+                   steps: int, lr: float, weight_decay: float, batch_tokens: int, seed: int, device,
+                   desc: str, progress: bool = False, after_backward=None, after_step=None, postfix=None) -> list[float]:
+    """Teacher-forced local fit of the MLPs of ``layers``, jointly (they may share bases): for each step a
+    random batch of the captured inputs ``X[li]``, loss = sum over layers of ||MLP(x) - y||^2 / ||y||^2,
+    AdamW (betas 0.9/0.95) on every basis, V and bias of ``mods``, linear warm-up (steps/20) then cosine
+    decay. V stays inside its mask (masked gradients, re-masked after each step). Hooks for the caller's
+    mask schedule: ``after_backward(step)`` sees the raw gradients, ``after_step(step)`` runs after the
+    update. Returns the loss of every step."""
     from tqdm.auto import tqdm
-    steps = cfg.steps
-    params = [mods[0].basis.weight] + [m.V for m in mods] + [m.bias for m in mods if m.bias is not None]
+    params = list({id(p): p for m in mods
+                   for p in [m.basis.weight, m.V] + ([m.bias] if m.bias is not None else [])}.values())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1))))
-    chains = {li: mlp_chain(model, adapter, li) for li in plan.layers}
-    norms = {li: float(Y[li].pow(2).mean()) + 1e-12 for li in plan.layers}
-    n_tok = X[plan.layers[0]].shape[0]
+    chains = {li: mlp_chain(model, adapter, li) for li in layers}
+    norms = {li: float(Y[li].pow(2).mean()) + 1e-12 for li in layers}
+    n_tok = X[layers[0]].shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    use_amp = device.type == "cuda"
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    try:
+        for step in bar:
+            idx = torch.randint(0, n_tok, (min(batch_tokens, n_tok),), generator=gen)
+            loss = 0.0
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                for li in layers:
+                    x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
+                    loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(step)
+            for m in mods:  # masked entries stay zero: no gradient, no weight decay drift
+                m.V.grad.mul_(m.mask)
+            opt.step()
+            sched.step()
+            for m in mods:
+                m.apply_mask_()
+            if after_step is not None:
+                after_step(step)
+            losses.append(float(loss.detach()))
+            if progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", **(postfix() if postfix is not None else {}))
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return losses
+
+
+def loss_summary(losses: list[float]) -> dict:
+    tail = losses[-10:]
+    return {"loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None}
+
+
+def train_group_local(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsLinear], col_scales, cfg: FipsConfig,
+                      X: dict, Y: dict, device, progress=False) -> dict:
+    """Teacher-forced MSE of every MLP of the group (trained jointly: they share U), GMP/RigL/N:M on V."""
+    steps = cfg.steps
     total_entries = sum(m.mask.numel() for m in mods)
     final_keep = plan.nnz
     start_keep = min(total_entries, int(round(final_keep * (1 - cfg.initial_sparsity) / max(1 - cfg.sparsity, 1e-9))))
     s_i, s_f = 1 - start_keep / total_entries, 1 - final_keep / total_entries
     every = cfg.mask_every or max(1, int(cfg.gmp_end * steps) // 10)
-    gen = torch.Generator().manual_seed(cfg.seed + plan.index)
-    use_amp = device.type == "cuda"
-    losses = []
-    bar = tqdm(range(steps), desc=f"group {plan.index} layers {plan.layers[0]}-{plan.layers[-1]}", disable=not progress,
-               leave=False)
-    for step in bar:
-        idx = torch.randint(0, n_tok, (min(cfg.batch_tokens, n_tok),), generator=gen)
-        loss = 0.0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            for li in plan.layers:
-                x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
-                loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        update = cfg.pruning != "nm" and (step + 1) % every == 0 and step + 1 <= cfg.gmp_end * steps + every
-        if cfg.pruning == "rigl" and update:
-            grads = [m.V.grad.detach().clone() for m in mods]
-        for m in mods:  # masked entries stay zero: no gradient, no weight decay drift
-            m.V.grad.mul_(m.mask)
-        opt.step()
-        sched.step()
-        for m in mods:
-            m.apply_mask_()
-        if update:
-            with torch.no_grad():
-                if cfg.pruning == "gmp":
-                    s = gmp_sparsity(step + 1, steps, s_i, s_f, end=cfg.gmp_end)
-                    keep = max(final_keep, int(round(total_entries * (1 - s))))
-                    scores = [(m.V.abs() * c.to(device)[None, :]) for m, c in zip(mods, col_scales)]
-                    new = global_magnitude_masks([sc.masked_fill(~m.mask, -1.0) for sc, m in zip(scores, mods)], keep)
-                    for m, nm in zip(mods, new):
-                        m.mask.copy_(nm & m.mask)
-                        m.apply_mask_()
-                else:  # rigl
-                    frac = rigl_drop_fraction(step + 1, steps, cfg.rigl_drop, cfg.gmp_end)
-                    for m, g in zip(mods, grads):
-                        m.mask.copy_(rigl_update(m.V, g, m.mask, frac))
-                        m.apply_mask_()
-        losses.append(float(loss.detach()))
-        if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}", density=f"{sum(m.nnz for m in mods) / total_entries:.3f}")
+    grads: list[torch.Tensor] = []
+
+    def is_update(step: int) -> bool:
+        return cfg.pruning != "nm" and (step + 1) % every == 0 and step + 1 <= cfg.gmp_end * steps + every
+
+    def after_backward(step: int) -> None:
+        if cfg.pruning == "rigl" and is_update(step):
+            grads[:] = [m.V.grad.detach().clone() for m in mods]
+
+    @torch.no_grad()
+    def after_step(step: int) -> None:
+        if not is_update(step):
+            return
+        if cfg.pruning == "gmp":
+            s = gmp_sparsity(step + 1, steps, s_i, s_f, end=cfg.gmp_end)
+            keep = max(final_keep, int(round(total_entries * (1 - s))))
+            scores = [(m.V.abs() * c.to(device)[None, :]) for m, c in zip(mods, col_scales)]
+            new = global_magnitude_masks([sc.masked_fill(~m.mask, -1.0) for sc, m in zip(scores, mods)], keep)
+            for m, nm in zip(mods, new):
+                m.mask.copy_(nm & m.mask)
+                m.apply_mask_()
+        else:  # rigl
+            frac = rigl_drop_fraction(step + 1, steps, cfg.rigl_drop, cfg.gmp_end)
+            for m, g in zip(mods, grads):
+                m.mask.copy_(rigl_update(m.V, g, m.mask, frac))
+                m.apply_mask_()
+
+    losses = fit_mlps_local(
+        model, adapter, plan.layers, mods, X, Y, steps=steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        batch_tokens=cfg.batch_tokens, seed=cfg.seed + plan.index, device=device,
+        desc=f"group {plan.index} layers {plan.layers[0]}-{plan.layers[-1]}", progress=progress,
+        after_backward=after_backward, after_step=after_step,
+        postfix=lambda: {"density": f"{sum(m.nnz for m in mods) / total_entries:.3f}"})
     finalize_masks(mods, col_scales, plan, cfg, device)
-    for p in params:
-        p.requires_grad_(False)
-    return {"loss_first": losses[0] if losses else None, "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None}
+    return loss_summary(losses)
 
 
 @torch.no_grad()
@@ -203,7 +241,7 @@ def finalize_masks(mods, col_scales, plan: GroupPlan, cfg: FipsConfig, device) -
 def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: FipsConfig, device, progress=False) -> dict:
     """Distillation to the dense model: KL on logits (LMs) or MSE on outputs; only U, V, MLP biases train."""
     from tqdm.auto import tqdm
-    import torch.nn.functional as F
+    from .delta_math import distill_loss
     from .evaluate import forward
     mods = [m for m in model.modules() if isinstance(m, FipsLinear)]
     params = list({id(p): p for m in mods for p in ([m.basis.weight, m.V] + ([m.bias] if m.bias is not None else []))}.values())
@@ -223,11 +261,7 @@ def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: Fip
             t = forward(teacher, b, adapter.kind).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             s = forward(model, b, adapter.kind).float()
-        if adapter.kind == "causal-lm":
-            loss = F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2),
-                            log_target=True, reduction="batchmean")
-        else:
-            loss = (s - t).pow(2).mean() / (t.pow(2).mean() + 1e-12)
+        loss = distill_loss(s, t, adapter.kind)  # the same loss as DeltaLLM's distillation
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for m in mods:

@@ -161,6 +161,28 @@ def test_dead_basis_directions_dropped(tmp_path):
             assert len(inits[f"{path}.mask"].raw_data) == (len(keep) * m.V.shape[1] + 7) // 8
 
 
+def test_trimmed_bases_of_equal_shape_stay_distinct(tmp_path):
+    """Two bases trimmed to the same shape are two initializers with their own values (the trimmed U's are
+    temporaries: deduplicating them by memory address once stored one group's U for both)."""
+    lm = tiny("llama", "fips")
+    fips = [m for m in lm.model.modules() if isinstance(m, FipsLinear)]
+    bases = list({id(m.basis): m.basis for m in fips}.values())
+    assert len(bases) == 2
+    with torch.no_grad():
+        for m in fips:  # the same used directions in both groups: equal trimmed shapes
+            m.mask[1::3] = False
+            m.apply_mask_()
+    keep = used_rank(lm.model)
+    assert len(keep[id(bases[0].weight)]) == len(keep[id(bases[1].weight)])
+    for _ in range(3):
+        report, out = run_export(lm, tmp_path, verify=True)
+        assert report.passed, report.table()
+        stored = {n: onnx.numpy_helper.to_array(t) for n, t in initializers(out).items() if n.startswith("fips.basis.")}
+        for i, basis in enumerate(bases):
+            expect = basis.weight.detach().numpy()[:, keep[id(basis.weight)]]
+            assert np.array_equal(stored[f"fips.basis.{i}"], expect)
+
+
 @pytest.mark.parametrize("method", ["dense", "fips"])
 def test_tied_embedding_once(method, tmp_path):
     lm = tiny("llama", method)

@@ -26,10 +26,17 @@
 //   v  += popcount(m)    (advance the values pointer by the number of kept entries)
 // then y[c:c+8] += a * x (transB = 0) or acc += x * A[c:c+8] (transB = 1), for each token
 // of a small register block; a group costs the same few instructions whatever its density.
-// Many tokens (prefill): the kept entries of a row (or of a 128-column chunk of it) are
-// listed (column offsets, rebuilt per 32-token block in a small scratch buffer) and each one
-// is applied to 32 tokens at once from a transposed block of A (see nt_big_task /
-// nn_big_task in sparse_kernels.cc).
+// With AVX-512F (a -march=native build on a CPU that has it) the few-token kernels take 16
+// columns per step: a 16-bit mask load and one vexpandps replace the table permute.
+// Both read V once per call as a stream; they prefetch the next row block's values and mask
+// bits in software, spread over the current block's steps (the hardware prefetchers alone
+// left them at about half the memory bandwidth), skip rows that pruning emptied, and split
+// the rows between tasks by kept entries, not by row count.
+// Many tokens (prefill): A is transposed once per call into 32-token blocks (64-byte
+// aligned); the kept entries of a row (or of a 128-column chunk of it) are listed (column
+// offsets, in a small per-thread scratch buffer) and each one is applied to the 32 tokens
+// of a block at once (see nt_big_task / nn_big_task in sparse_kernels.cc; 16-lane
+// versions with AVX-512F).
 #pragma once
 
 #include <cstddef>
