@@ -218,23 +218,36 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, allowed: str, *, n_heads:
     broadcasts over the group axis. Scores are masked and soft-maxed in fp32. Returns [B, H, S, hd].
     """
     rep = n_heads // n_kv
+    bias = _mask_bias(b, allowed, grouped=rep > 1)
     if rep > 1:
         q = b.op("Reshape", [q, b.i64([0, n_kv, rep, -1, head_dim])])
         k = b.op("Unsqueeze", [k, b.i64([2])])
         v = b.op("Unsqueeze", [v, b.i64([2])])
-        allowed = b.op("Unsqueeze", [allowed, b.i64([2])])
         perm = [0, 1, 2, 4, 3]
     else:
         perm = [0, 1, 3, 2]
     scores = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=perm)]), b.fconst(scaling)])
     if softcap:
         scores = b.op("Mul", [b.op("Tanh", [b.op("Div", [scores, b.fconst(softcap)])]), b.fconst(softcap)])
-    scores = b.op("Where", [allowed, b.to_fp32(scores), b.const(np.float32(NEG_INF_FP32))])
+    # masked scores: + the most negative float. An Add that broadcasts over the heads is much cheaper in
+    # onnxruntime than a Where per layer (SmolLM2, 512-token prefill, 2 threads: 821 -> 720 ms dense)
+    scores = b.op("Add", [b.to_fp32(scores), bias])
     probs = b.from_fp32(b.op("Softmax", [scores], axis=-1))
     out = b.op("MatMul", [probs, v])
     if rep > 1:
         out = b.op("Reshape", [out, b.i64([0, n_heads, -1, head_dim])])
     return out
+
+
+def _mask_bias(b: GraphBuilder, allowed: str, *, grouped: bool) -> str:
+    """fp32 0 / most-negative-float of the bool mask ``allowed`` [B, 1, S, T] (with an extra group axis
+    [B, 1, 1, S, T] when ``grouped``), built once per mask and shared by every layer."""
+    memo = b.memo.setdefault("mask_bias", {})
+    key = (allowed, grouped)
+    if key not in memo:
+        a = b.op("Unsqueeze", [allowed, b.i64([2])]) if grouped else allowed
+        memo[key] = b.op("Where", [a, b.const(np.float32(0.0)), b.const(np.float32(NEG_INF_FP32))])
+    return memo[key]
 
 
 def split_heads(b: GraphBuilder, x: str, bs_shape: str, n: int, head_dim: int) -> str:
