@@ -3,6 +3,10 @@
 
     python benchmarks/bench_smollm2.py                  # export (cached under runs/) + bench
     python benchmarks/bench_smollm2.py --force-export    # rebuild the checkpoint and both exports
+    python benchmarks/bench_smollm2.py --work runs/bench_demo --name bench_smollm2_demo
+        # any pair of exports: WORK/dense/model.onnx and WORK/fips/model.onnx (here the `fips demo`
+        # checkpoint, exported with `fips export runs/demo/model.pt -o runs/bench_demo/fips/model.onnx
+        # --last-logits-only --external-data`)
 
 Steps:
 Both are exported with external data (``model.onnx.data``): onnxruntime then maps the weights from the
