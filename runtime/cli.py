@@ -45,7 +45,8 @@ def _lengths(ctx, param, value: str) -> list[int]:
               help="fips.SparseMatMul implementation (native kernel library or the ONNX function bodies).")
 @click.option("--spinning", type=click.Choice(["off", "on", "auto"]), default="on", show_default=True,
               help="onnxruntime intra-op thread spinning, identical for both models (on: onnxruntime's "
-                   "default, lowest latency; off: idle threads sleep, less CPU burnt).")
+                   "default, lowest latency; off: idle threads sleep, less CPU burnt; auto: the "
+                   "runtime's default, which is on).")
 @click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
               help="Prompts longer than this run in chunks through the KV cache (0: never chunk).")
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 1000),
