@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,22 +27,14 @@ MiB = 2 ** 20
 
 
 def machine() -> dict:
-    import onnxruntime
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-        with open("/proc/meminfo") as f:
-            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        info["commit"] = None
-    return info
+    """The record's machine block, from ``fips_rt.runtime.bench`` (one reader of the CPU and git for all benchmarks)."""
+    from fips_rt.runtime.bench import git_info, machine_info
+    m = machine_info()
+    commit, _ = git_info(Path(__file__).parent)
+    return {"python": m["python"], "platform": m["platform"], "cpus": m["logical_cpus"],
+            "onnxruntime": m.get("onnxruntime"), "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "cpu": m["cpu_model"], "mem_total_gib": round(m["mem_total_mb"] / 1024, 1) if m.get("mem_total_mb") else None,
+            "commit": commit[:7] if commit else None}
 
 
 def build(tmp: Path, log) -> dict:

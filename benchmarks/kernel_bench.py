@@ -28,27 +28,30 @@ import ctypes
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 try:
+    from fips_rt.runtime import bench as rt_bench
     from fips_rt.runtime import native
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(REPO))
     import importlib.util
 
-    _spec = importlib.util.spec_from_file_location("fips_native", REPO / "runtime" / "native.py")
-    native = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(native)
+    def _load(name, file):
+        spec = importlib.util.spec_from_file_location(name, REPO / "runtime" / file)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    native = _load("fips_native", "native.py")
+    rt_bench = _load("fips_runtime_bench", "bench.py")
 
 D, R, DFF = 576, 1024, 1536
 SPARSITY = 0.75
@@ -194,19 +197,8 @@ def _loadavg():
 
 
 def machine_info(lib_path):
-    cpu = platform.processor() or platform.machine()
-    flags = []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = [fl for fl in ("avx2", "fma", "bmi2", "f16c", "avx512f") if fl in have]
-                    break
-    except OSError:
-        pass
+    """``fips_rt.runtime.bench.machine_info`` (CPU model, SIMD flags, ...) plus the kernel's ISA and the load."""
+    base = rt_bench.machine_info()
     isa = None
     if lib_path is not None:
         try:
@@ -216,11 +208,11 @@ def machine_info(lib_path):
         except (OSError, AttributeError):
             pass
     return {
-        "cpu": cpu,
-        "cpu_flags": flags,
-        "logical_cpus": os.cpu_count(),
+        "cpu": base["cpu_model"],
+        "cpu_flags": base["cpu_flags"],
+        "logical_cpus": base["logical_cpus"],
         "onnxruntime": ort.__version__,
-        "python": platform.python_version(),
+        "python": base["python"],
         "numpy": np.__version__,
         "kernel_isa": isa,
         "loadavg_start": _loadavg(),

@@ -2,7 +2,7 @@
 
 ``measure_session_rss(path)`` starts ``python -m fips_rt.exporter.memory`` (numpy + onnxruntime
 only, never torch), which records the process RSS before the session is created, resets the
-kernel's peak-RSS counter (``/proc/self/clear_refs``), creates the session, runs one forward
+kernel's peak-RSS counter (``fips_rt.procmem``), creates the session, runs one forward
 (a prefill of ``tokens`` tokens for LMs, returning last-position logits when the file was
 exported with ``last_logits_only``), and reports current and peak RSS. The quantity compared in
 the benchmarks is ``peak_delta = peak RSS - RSS before session creation``.
@@ -16,42 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _rss() -> int:
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb * 1024
-    import psutil  # pragma: no cover - non-Linux
-    return psutil.Process().memory_info().rss
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak(reset_ok: bool, rss_before: int) -> int:
-    kb = _status_kb("VmHWM")
-    if kb is not None and reset_ok:
-        return kb * 1024
-    import resource  # lifetime peak: includes imports, still >= the session's peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(peak, rss_before)
+from fips_rt.procmem import ProcessMemory
 
 
 def _feeds(session, config: dict, tokens: int):
@@ -91,26 +56,27 @@ def _child(path: str, tokens: int, threads: int, disable_prepacking: bool, runs:
     so.log_severity_level = 3
     if disable_prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
-    rss_before = _rss()
-    reset_ok = _reset_peak()
+    mem = ProcessMemory()
+    rss_before = mem.rss()
+    mem.start_peak()
     t0 = time.perf_counter()
     session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
-    rss_loaded = _rss()
-    peak_loaded = _peak(reset_ok, rss_before)
+    rss_loaded = mem.rss()
+    peak_loaded = max(mem.peak(), rss_before)
     feeds = _feeds(session, config, tokens)
     run_s = []
     for _ in range(runs):
         t1 = time.perf_counter()
         session.run(None, feeds)
         run_s.append(time.perf_counter() - t1)
-    rss_after = _rss()
-    peak = _peak(reset_ok, rss_before)
+    rss_after = mem.rss()
+    peak = max(mem.peak(), rss_before)
     return {"path": path, "tokens": tokens, "threads": threads, "disable_prepacking": disable_prepacking,
             "rss_before": rss_before, "rss_loaded": rss_loaded, "rss_after_run": rss_after,
             "peak_after_load": peak_loaded, "peak": peak,
             "load_delta": rss_loaded - rss_before, "peak_delta": peak - rss_before,
-            "peak_is_exact": reset_ok, "load_s": load_s, "run_s": run_s,
+            "peak_is_exact": mem.peak_is_exact, "load_s": load_s, "run_s": run_s,
             "onnxruntime": ort.__version__}
 
 

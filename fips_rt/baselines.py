@@ -25,7 +25,7 @@ import torch
 
 from .adapters import Adapter, get_submodule, linear_paths, stage_of_layer
 from .budget import consecutive_groups, rank_for_budget
-from .capture import mlp_chain, teacher_io
+from .capture import Tokens, forward_batches, teacher_io
 from .decompose import left_singular_vectors, normalized_cov, whitening_factor
 from .errors import FipsError
 from .fips import GroupPlan, fit_mlps_local, install_group, loss_summary
@@ -83,22 +83,15 @@ def basis_sharing_layout(model, adapter: Adapter, budget: float, share: int = 2)
 
 
 # --------------------------------------------------------------------------- statistics
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def linear_input_covariances(model, adapter: Adapter, batches: list[dict], progress: bool = False
                              ) -> dict[str, tuple[torch.Tensor, int]]:
     """X^T X (float64, CPU) and token count of the input of every MLP linear, padding tokens excluded.
     Linears fed by the same tensor in one forward (gate/up) are computed once and share the entry."""
-    from tqdm.auto import tqdm
-    from .evaluate import forward
     layers = linear_paths(model, adapter)
     acc: dict[str, list] = {}
     alias: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    state: dict = {}
+    tokens = Tokens()
     handles = []
     for li, layer in enumerate(layers):
         for path, _ in layer:
@@ -110,31 +103,13 @@ def linear_input_covariances(model, adapter: Adapter, batches: list[dict], progr
                 if first != path:
                     alias[path] = first
                     return
-                x = x.detach().reshape(-1, x.shape[-1]).float()
-                m = state.get("mask")
-                if m is not None and m.numel() == x.shape[0]:
-                    x = x[m.to(x.device)]
+                x = tokens.rows(x).float()
                 a = acc.setdefault(path, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device), 0])
                 a[0] += (x.T @ x).double()
                 a[1] += x.shape[0]
             handles.append(get_submodule(model, path).register_forward_pre_hook(pre))
-
-    def stop(mod, args, out):
-        raise _Stop  # nothing after the last MLP is needed
-    handles.append(mlp_chain(model, adapter, len(layers) - 1)[-1].register_forward_hook(stop))
-    dev = next(model.parameters()).device
-    try:
-        for b in tqdm(batches, desc="linear input statistics", disable=not progress, leave=False):
-            seen.clear()
-            m = b.get("attention_mask")
-            state["mask"] = None if m is None else m.reshape(-1).bool()
-            try:
-                forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    forward_batches(model, adapter, batches, tokens, handles, stop_layer=len(layers) - 1,
+                    desc="linear input statistics", progress=progress, before_batch=seen.clear)
     out = {p: (a[0].cpu(), a[1]) for p, a in acc.items()}
     for p, first in alias.items():
         out.setdefault(p, out[first])

@@ -33,15 +33,45 @@ def _hooks(handles):
             h.remove()
 
 
-def _run(model, batches, kind: str, progress: bool, desc: str):
+class Tokens:
+    """The current calibration batch's attention mask. ``rows(t)``: t ([..., features]) as
+    [tokens, features] without the padding tokens (all tokens when there is no mask or the
+    shapes do not line up, e.g. a ViT's patch tokens)."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().reshape(-1, t.shape[-1])
+        m = self.mask
+        return t[m.to(t.device)] if m is not None and m.numel() == t.shape[0] else t
+
+
+def _raise_stop(mod, args, out):
+    raise _Stop  # nothing after this point of the forward is needed
+
+
+@torch.no_grad()
+def forward_batches(model, adapter: Adapter, batches, tokens: Tokens, handles: list, *, stop_layer: int, desc: str,
+                    progress: bool = False, before_batch=None, done=None) -> None:
+    """Run ``model`` on every batch with the caller's hooks (``handles``, removed afterwards), each
+    forward cut short after the MLP of layer ``stop_layer``. ``tokens.mask`` follows the batch;
+    ``before_batch()`` runs before each batch, ``done()`` after each one ends the loop early."""
     from tqdm.auto import tqdm
     from .evaluate import forward
+    handles = list(handles) + [mlp_chain(model, adapter, stop_layer)[-1].register_forward_hook(_raise_stop)]
     dev = next(model.parameters()).device
-    for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        try:
-            forward(model, {k: v.to(dev) for k, v in b.items()}, kind)
-        except _Stop:
-            pass
+    with _hooks(handles):
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            tokens.mask = _tokens_mask(b)
+            if before_batch is not None:
+                before_batch()
+            try:
+                forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
+            except _Stop:
+                pass
+            if done is not None and done():
+                break
 
 
 def _tokens_mask(batch: dict) -> torch.Tensor | None:
@@ -49,94 +79,76 @@ def _tokens_mask(batch: dict) -> torch.Tensor | None:
     return None if m is None else m.reshape(-1).bool()
 
 
-@torch.no_grad()
-def input_statistics(model, adapter: Adapter, layers: list[list[tuple[str, str]]], batches, progress=False):
+def _statistics_hooks(model, adapter: Adapter, layers, tokens: Tokens, stats: dict) -> list:
     """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input."""
-    stats = {}
     handles = []
-    mask_holder = {}
     for li, lin in enumerate(layers):
-        chain = mlp_chain(model, adapter, li)
-
         def pre(mod, args, li=li):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            m = mask_holder.get("mask")
-            if m is not None and m.numel() == x.shape[0]:
-                x = x[m.to(x.device)]
+            x = tokens.rows(args[0]).float()
             s = stats.setdefault(li, {"xtx": 0.0, "n": 0, "h2": {}})
             s["xtx"] = s["xtx"] + (x.T @ x).double().cpu()
             s["n"] += x.shape[0]
-        handles.append(chain[0].register_forward_pre_hook(pre))
+        handles.append(mlp_chain(model, adapter, li)[0].register_forward_pre_hook(pre))
         for path, orient in lin:
             if orient != "out":
                 continue
-            mod = get_submodule(model, path)
 
             def pre_out(mod, args, li=li, path=path):
-                h = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                m = mask_holder.get("mask")
-                if m is not None and m.numel() == h.shape[0]:
-                    h = h[m.to(h.device)]
+                h = tokens.rows(args[0]).float()
                 s = stats[li]["h2"].setdefault(path, [0.0, 0])
                 s[0] = s[0] + h.pow(2).sum(0).double().cpu()
                 s[1] += h.shape[0]
-            handles.append(mod.register_forward_pre_hook(pre_out))
-    from tqdm.auto import tqdm
-    from .evaluate import forward
-    dev = next(model.parameters()).device
-    def stop(mod, args, out):
-        raise _Stop  # nothing after the last MLP is needed (e.g. the LM head)
-    handles.append(mlp_chain(model, adapter, len(layers) - 1)[-1].register_forward_hook(stop))
-    with _hooks(handles):
-        for b in tqdm(batches, desc="calibration statistics", disable=not progress, leave=False):
-            mask_holder["mask"] = _tokens_mask(b)
-            try:
-                forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
-            except _Stop:
-                pass
-    return stats
+            handles.append(get_submodule(model, path).register_forward_pre_hook(pre_out))
+    return handles
 
 
-@torch.no_grad()
-def teacher_io(model, adapter: Adapter, layer_ids: list[int], batches, progress=False, max_tokens: int | None = None):
-    """Dense inputs and outputs of the MLPs of ``layer_ids`` ([tokens, d] each, on the CPU).
-
-    The forward pass stops after the last requested layer's MLP."""
-    xs = {li: [] for li in layer_ids}
-    ys = {li: [] for li in layer_ids}
-    last = max(layer_ids)
+def _io_hooks(model, adapter: Adapter, layer_ids: list[int], tokens: Tokens, xs: dict, ys: dict) -> list:
+    """Record the input and the output of the MLPs of ``layer_ids`` (fp32, CPU, padding dropped)."""
     handles = []
-    mask_holder = {}
     for li in layer_ids:
         chain = mlp_chain(model, adapter, li)
 
         def pre(mod, args, li=li):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            m = mask_holder.get("mask")
-            xs[li].append((x[m.to(x.device)] if m is not None and m.numel() == x.shape[0] else x).float().cpu())
+            xs[li].append(tokens.rows(args[0]).float().cpu())
 
         def post(mod, args, out, li=li):
-            y = out.detach().reshape(-1, out.shape[-1])
-            m = mask_holder.get("mask")
-            ys[li].append((y[m.to(y.device)] if m is not None and m.numel() == y.shape[0] else y).float().cpu())
-            if li == last:
-                raise _Stop
+            ys[li].append(tokens.rows(out).float().cpu())
         handles.append(chain[0].register_forward_pre_hook(pre))
         handles.append(chain[-1].register_forward_hook(post))
-    from tqdm.auto import tqdm
-    from .evaluate import forward
-    dev = next(model.parameters()).device
-    with _hooks(handles):
-        for b in tqdm(batches, desc=f"teacher activations (layers {layer_ids[0]}-{last})", disable=not progress,
-                      leave=False):
-            mask_holder["mask"] = _tokens_mask(b)
-            try:
-                forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
-            except _Stop:
-                pass
-            if max_tokens and sum(x.shape[0] for x in xs[last]) >= max_tokens:
-                break
+    return handles
+
+
+def input_statistics(model, adapter: Adapter, layers: list[list[tuple[str, str]]], batches, progress=False):
+    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input."""
+    stats, tokens = {}, Tokens()
+    forward_batches(model, adapter, batches, tokens, _statistics_hooks(model, adapter, layers, tokens, stats),
+                    stop_layer=len(layers) - 1, desc="calibration statistics", progress=progress)
+    return stats
+
+
+def teacher_io(model, adapter: Adapter, layer_ids: list[int], batches, progress=False, max_tokens: int | None = None):
+    """Dense inputs and outputs of the MLPs of ``layer_ids`` ([tokens, d] each, on the CPU).
+
+    The forward pass stops after the last requested layer's MLP."""
+    xs, ys, tokens = {li: [] for li in layer_ids}, {li: [] for li in layer_ids}, Tokens()
+    last = max(layer_ids)
+    done = (lambda: sum(x.shape[0] for x in xs[last]) >= max_tokens) if max_tokens else None
+    forward_batches(model, adapter, batches, tokens, _io_hooks(model, adapter, layer_ids, tokens, xs, ys),
+                    stop_layer=last, desc=f"teacher activations (layers {layer_ids[0]}-{last})", progress=progress,
+                    done=done)
     return {li: torch.cat(xs[li]) for li in layer_ids}, {li: torch.cat(ys[li]) for li in layer_ids}
+
+
+def statistics_and_io(model, adapter: Adapter, layers: list[list[tuple[str, str]]], layer_ids: list[int], batches,
+                      progress=False):
+    """``input_statistics`` and ``teacher_io(layer_ids)`` from one pass of the dense model."""
+    stats, tokens = {}, Tokens()
+    xs, ys = {li: [] for li in layer_ids}, {li: [] for li in layer_ids}
+    handles = (_statistics_hooks(model, adapter, layers, tokens, stats)
+               + _io_hooks(model, adapter, layer_ids, tokens, xs, ys))
+    forward_batches(model, adapter, batches, tokens, handles, stop_layer=len(layers) - 1,
+                    desc="calibration statistics and activations", progress=progress)
+    return stats, ({li: torch.cat(xs[li]) for li in layer_ids}, {li: torch.cat(ys[li]) for li in layer_ids})
 
 
 def count_tokens(batches, kind: str) -> int:

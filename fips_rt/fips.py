@@ -15,7 +15,8 @@ from torch import nn
 
 from .adapters import Adapter, get_submodule, linear_paths, set_submodule, stage_of_layer
 from .budget import check_groups, consecutive_groups, kept_nnz, mlp_budget_from_model_budget, rank_for_budget
-from .capture import count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, teacher_io
+from .capture import (count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, statistics_and_io,
+                      teacher_io)
 from .config import FipsConfig
 from .decompose import diag_scale, normalized_cov, shared_svd_init, whitening_factor
 from .errors import FipsError
@@ -333,7 +334,40 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
     if teacher is not None:
         teacher.to(device)
     layers = linear_paths(model, adapter)
-    stats = input_statistics(model, adapter, layers, calibration, progress) if cfg.init == "whitened" else None
+    # Teacher-forced I/O comes from the dense model: recorded before any group is replaced, for as many
+    # groups per forward pass as fit in cfg.activation_memory_gb (the rest on later passes, from the teacher).
+    todo = [p for p in plans if not (state is not None and resume and (state / f"group_{p.index:03d}.pt").is_file())]
+    n_tokens = count_tokens(calibration, adapter.kind) if calibration else 0
+
+    def io_layers(start_index: int) -> list[int]:
+        chosen, size = [], 0
+        for p in todo:
+            if p.index < start_index:
+                continue
+            need = io_bytes(model, adapter, p.layers, n_tokens)
+            if chosen and size + need > cfg.activation_memory_gb * 2**30:
+                break
+            chosen += p.layers
+            size += need
+        return chosen
+
+    def prefetch(start_index: int):
+        # before any replacement the model is the dense teacher; later passes use the kept dense copy if
+        # any (keep_teacher), else the partially compressed model (inputs then carry earlier groups' error)
+        first = all(isinstance(get_submodule(model, pth), nn.Linear) for li in range(len(layers)) for pth, _ in layers[li])
+        src = model if first or teacher is None else teacher
+        return teacher_io(src, adapter, io_layers(start_index), calibration, progress)
+
+    # the whitening statistics and the first groups' teacher I/O come from one pass of the dense model
+    io_cache: tuple[dict, dict] = ({}, {})
+    stats = None
+    first_io = io_layers(todo[0].index) if cfg.steps > 0 and todo else []
+    if cfg.init == "whitened" and first_io:
+        stats, io_cache = statistics_and_io(model, adapter, layers, first_io, calibration, progress)
+    elif cfg.init == "whitened":
+        stats = input_statistics(model, adapter, layers, calibration, progress)
+    elif first_io:
+        io_cache = teacher_io(model, adapter, first_io, calibration, progress)
     # shared init of every group, then one global magnitude threshold allots V entries across groups
     inits = []
     for plan in plans:
@@ -350,30 +384,6 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
         for plan, ini in zip(plans, inits):
             plan.nnz = int(sum(int(m.sum()) for m in masks_final[k:k + len(ini.V)]))
             k += len(ini.V)
-    # Teacher-forced I/O comes from the dense model: recorded before any group is replaced, for as many
-    # groups per forward pass as fit in cfg.activation_memory_gb (the rest on later passes, from the teacher).
-    todo = [p for p in plans if not (state is not None and resume and (state / f"group_{p.index:03d}.pt").is_file())]
-    n_tokens = count_tokens(calibration, adapter.kind) if calibration else 0
-
-    def prefetch(start_index: int):
-        chosen, size = [], 0
-        for p in todo:
-            if p.index < start_index:
-                continue
-            need = io_bytes(model, adapter, p.layers, n_tokens)
-            if chosen and size + need > cfg.activation_memory_gb * 2**30:
-                break
-            chosen += p.layers
-            size += need
-        # before any replacement the model is the dense teacher; later passes use the kept dense copy if
-        # any (keep_teacher), else the partially compressed model (inputs then carry earlier groups' error)
-        first = all(isinstance(get_submodule(model, pth), nn.Linear) for li in range(len(layers)) for pth, _ in layers[li])
-        src = model if first or teacher is None else teacher
-        return teacher_io(src, adapter, chosen, calibration, progress)
-
-    io_cache: tuple[dict, dict] = ({}, {})
-    if cfg.steps > 0 and todo:
-        io_cache = prefetch(todo[0].index)
     group_info = []
     k = 0
     for plan, ini in zip(plans, inits):

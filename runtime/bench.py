@@ -28,7 +28,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fips_rt.procmem import ProcessMemory
+
 SCHEMA = "fips-rt/bench/1"
+MiB = 2 ** 20
 
 
 # ============================================================================ statistics
@@ -181,7 +184,7 @@ def compute_ratios(c: ModelBench, b: ModelBench | None) -> dict[str, float | Non
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "machine": platform.machine(), "logical_cpus": os.cpu_count()}
-    cpu_model, physical = None, set()
+    cpu_model, physical, flags = None, set(), set()
     try:
         with open("/proc/cpuinfo") as f:
             blocks = f.read().split("\n\n")
@@ -194,9 +197,13 @@ def machine_info() -> dict[str, Any]:
                 cpu_model = kv["model name"]
             if "core id" in kv:
                 physical.add((kv.get("physical id"), kv["core id"]))
+            if not flags and kv.get("flags"):
+                flags = set(kv["flags"].split())
     except OSError:
         pass
     info["cpu_model"] = cpu_model or platform.processor() or None
+    # the instruction sets the native kernel and onnxruntime's MLAS choose between
+    info["cpu_flags"] = [fl for fl in ("avx2", "fma", "bmi2", "f16c", "avx512f") if fl in flags]
     info["physical_cores"] = len(physical) or None
     try:
         info["usable_cpus"] = len(os.sched_getaffinity(0))
@@ -239,69 +246,6 @@ def git_info(start: Path | None = None) -> tuple[str | None, bool | None]:
 
 
 # ============================================================================ worker (runs in a fresh process)
-def _proc_status(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0  # kB -> MiB
-    except OSError:
-        pass
-    return None
-
-
-class _Memory:
-    """Current and peak RSS in MiB: /proc (Linux), else psutil sampling, else getrusage."""
-
-    def __init__(self):
-        self.method = "VmHWM" if _proc_status("VmHWM") is not None else None
-        self._peak = 0.0
-        self._stop = None
-        self._psutil = None
-        if self.method is None:
-            try:
-                import psutil
-                self._psutil = psutil.Process()
-                self.method = "psutil-sampling"
-            except ImportError:
-                self.method = "getrusage"
-
-    def rss(self) -> float:
-        v = _proc_status("VmRSS")
-        if v is not None:
-            return v
-        if self._psutil is not None:
-            return self._psutil.memory_info().rss / 2**20
-        import resource
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r / 2**20 if sys.platform == "darwin" else r / 1024.0
-
-    def start_peak(self) -> None:
-        if self.method == "VmHWM":
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset the peak RSS to the current RSS
-            except OSError:
-                self.method = "VmHWM (not reset)"
-        elif self.method == "psutil-sampling":
-            import threading
-            self._peak = self.rss()
-            self._stop = threading.Event()
-
-            def sample():
-                while not self._stop.wait(0.002):
-                    self._peak = max(self._peak, self.rss())
-            threading.Thread(target=sample, daemon=True).start()
-
-    def peak(self) -> float:
-        if self.method.startswith("VmHWM"):
-            return _proc_status("VmHWM")
-        if self.method == "psutil-sampling":
-            self._peak = max(self._peak, self.rss())
-            return self._peak
-        return self.rss()
-
-
 def run_worker(spec: dict) -> dict:
     """Measure one model as described by ``spec`` (in this process; call in a fresh one)."""
     import gc
@@ -320,17 +264,17 @@ def run_worker(spec: dict) -> dict:
     except (AttributeError, OSError):
         pass
     t_start = time.perf_counter()
-    mem = _Memory()
+    mem = ProcessMemory()
     try:
         gc.collect()
-        res.rss_before_mb = mem.rss()
+        res.rss_before_mb = mem.rss() / MiB
         mem.start_peak()
         t0 = time.perf_counter()
         model = Model.load(spec["path"], threads=spec.get("threads"), kernel=spec.get("kernel", "auto"),
                            provider=spec.get("provider", "cpu"), spinning=spec.get("spinning"),
                            prefill_chunk=spec.get("prefill_chunk", Model.DEFAULT_PREFILL_CHUNK))
         res.load_s = time.perf_counter() - t0
-        res.rss_after_load_mb = mem.rss()
+        res.rss_after_load_mb = mem.rss() / MiB
         res.rss_trace_mb["load"] = res.rss_after_load_mb - res.rss_before_mb
         res.kind, res.kernel, res.provider = model.kind, model.info.kernel, model.info.provider
         res.threads, res.spinning = model.info.threads, model.info.spinning
@@ -362,7 +306,7 @@ def run_worker(spec: dict) -> dict:
                 st = Stats.of(timed(lambda: model.prefill(ids), warmup, reps))
                 res.prefill[str(L)] = st
                 res.prefill_tokens_per_s[str(L)] = L / (st.mean_ms / 1000.0)
-                res.rss_trace_mb[f"prefill {L}"] = mem.rss() - res.rss_before_mb
+                res.rss_trace_mb[f"prefill {L}"] = mem.rss() / MiB - res.rss_before_mb
             n_dec = int(spec["decode_tokens"])
             if n_dec > 0:
                 dctx = int(spec["decode_context"])
@@ -390,7 +334,7 @@ def run_worker(spec: dict) -> dict:
                 res.decode = Stats.of(samples)
                 res.decode_cpu = Stats.of(cpu_samples)
                 res.decode_tokens_per_s = 1000.0 / res.decode.mean_ms
-                res.rss_trace_mb["decode"] = mem.rss() - res.rss_before_mb
+                res.rss_trace_mb["decode"] = mem.rss() / MiB - res.rss_before_mb
         elif model.kind == "encoder":
             seq_limit = model.max_positions or 512
             vocab = model.tokenizer.vocab_size
@@ -408,8 +352,8 @@ def run_worker(spec: dict) -> dict:
             st = Stats.of(timed(lambda: model.classify_logits(x), warmup, reps))
             res.prefill["image"] = st
             res.prefill_tokens_per_s["image"] = 1000.0 / st.mean_ms
-        res.rss_after_run_mb = mem.rss()
-        res.peak_rss_mb = mem.peak()
+        res.rss_after_run_mb = mem.rss() / MiB
+        res.peak_rss_mb = mem.peak() / MiB
         res.peak_method = mem.method
         res.model_rss_after_load_mb = res.rss_after_load_mb - res.rss_before_mb
         res.model_rss_after_run_mb = res.rss_after_run_mb - res.rss_before_mb

@@ -22,13 +22,7 @@ SMOL_PARAMS = 134_515_008
 SMOL_LAYERS = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP spin contention (100x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _calib(n=4, seq=32, vocab=256, seed=0):

@@ -25,13 +25,7 @@ ENC_FIELDS = {"method", "budget", "model_budget", "cosine_mean", "cosine_min", "
               "bytes", "seconds", "device", "split", "settings"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared machine: one thread is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
