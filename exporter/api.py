@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from fips_rt.errors import FipsError
+from fips_rt.models import tokenizer_files
 
 from .report import ExportReport
 from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE
@@ -86,11 +87,10 @@ def _check_output(out: Path, inputs: list[Path]) -> None:
 
 # ---------------------------------------------------------------------- sidecars
 def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The tokenizer's own files (``fips_rt.models.tokenizer_files``), plus what torch-free readers need."""
     if tokenizer is None:
         return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    files = tokenizer_files(tokenizer)
     if "special_tokens_map.json" not in files:
         smap = {k: (str(v) if not isinstance(v, (list, dict)) else v)
                 for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}

@@ -25,7 +25,8 @@ import torch
 
 from .adapters import Adapter, get_submodule, linear_paths, stage_of_layer
 from .budget import consecutive_groups, rank_for_budget
-from .capture import Tokens, forward_batches, teacher_io
+from . import capture
+from .capture import teacher_io
 from .decompose import left_singular_vectors, normalized_cov, whitening_factor
 from .errors import FipsError
 from .fips import GroupPlan, fit_mlps_local, install_group, loss_summary
@@ -85,35 +86,10 @@ def basis_sharing_layout(model, adapter: Adapter, budget: float, share: int = 2)
 # --------------------------------------------------------------------------- statistics
 def linear_input_covariances(model, adapter: Adapter, batches: list[dict], progress: bool = False
                              ) -> dict[str, tuple[torch.Tensor, int]]:
-    """X^T X (float64, CPU) and token count of the input of every MLP linear, padding tokens excluded.
-    Linears fed by the same tensor in one forward (gate/up) are computed once and share the entry."""
-    layers = linear_paths(model, adapter)
-    acc: dict[str, list] = {}
-    alias: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    tokens = Tokens()
-    handles = []
-    for li, layer in enumerate(layers):
-        for path, _ in layer:
-            def pre(mod, args, path=path, li=li):
-                x = args[0]
-                # per layer: a freed tensor's address may be reused by a later layer's input
-                key = (li, x.data_ptr(), tuple(x.shape))
-                first = seen.setdefault(key, path)
-                if first != path:
-                    alias[path] = first
-                    return
-                x = tokens.rows(x).float()
-                a = acc.setdefault(path, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device), 0])
-                a[0] += (x.T @ x).double()
-                a[1] += x.shape[0]
-            handles.append(get_submodule(model, path).register_forward_pre_hook(pre))
-    forward_batches(model, adapter, batches, tokens, handles, stop_layer=len(layers) - 1,
-                    desc="linear input statistics", progress=progress, before_batch=seen.clear)
-    out = {p: (a[0].cpu(), a[1]) for p, a in acc.items()}
-    for p, first in alias.items():
-        out.setdefault(p, out[first])
-    return out
+    """X^T X (float64, CPU) and token count of the input of every MLP linear, padding tokens excluded
+    (``fips_rt.capture.linear_input_covariances`` over all MLP linears; gate/up share their entry)."""
+    paths = {li: [p for p, _ in layer] for li, layer in enumerate(linear_paths(model, adapter))}
+    return capture.linear_input_covariances(model, adapter, paths, batches, progress)
 
 
 # --------------------------------------------------------------------------- decomposition (pure)

@@ -25,7 +25,8 @@ def run_chain(chain: list[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _hooks(handles):
+def hooks_removed(handles):
+    """Remove the hook handles when the block ends (also on an error)."""
     try:
         yield
     finally:
@@ -61,7 +62,7 @@ def forward_batches(model, adapter: Adapter, batches, tokens: Tokens, handles: l
     from .evaluate import forward
     handles = list(handles) + [mlp_chain(model, adapter, stop_layer)[-1].register_forward_hook(_raise_stop)]
     dev = next(model.parameters()).device
-    with _hooks(handles):
+    with hooks_removed(handles):
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
             tokens.mask = _tokens_mask(b)
             if before_batch is not None:
@@ -116,6 +117,39 @@ def _io_hooks(model, adapter: Adapter, layer_ids: list[int], tokens: Tokens, xs:
         handles.append(chain[0].register_forward_pre_hook(pre))
         handles.append(chain[-1].register_forward_hook(post))
     return handles
+
+
+def linear_input_covariances(model, adapter: Adapter, paths_by_layer: dict[int, list[str]], batches,
+                             progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """X^T X (float64, CPU) and token count of the input of each linear (``{layer: [path, ...]}``),
+    padding tokens excluded. Linears of one layer fed by the same tensor in one forward (gate/up,
+    q/k/v) are computed once and share the entry. The forward stops after the last layer's MLP."""
+    acc: dict[str, list] = {}
+    alias: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    tokens = Tokens()
+    handles = []
+    for li, paths in paths_by_layer.items():
+        for path in paths:
+            def pre(mod, args, path=path, li=li):
+                x = args[0]
+                # per layer: a freed tensor's address may be reused by a later layer's input
+                key = (li, x.data_ptr(), tuple(x.shape))
+                first = seen.setdefault(key, path)
+                if first != path:
+                    alias[path] = first
+                    return
+                x = tokens.rows(x).float()
+                a = acc.setdefault(path, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device), 0])
+                a[0] += (x.T @ x).double()
+                a[1] += x.shape[0]
+            handles.append(get_submodule(model, path).register_forward_pre_hook(pre))
+    forward_batches(model, adapter, batches, tokens, handles, stop_layer=max(paths_by_layer),
+                    desc="linear input statistics", progress=progress, before_batch=seen.clear)
+    out = {p: (a[0].cpu(), a[1]) for p, a in acc.items()}
+    for p, first in alias.items():
+        out.setdefault(p, out[first])
+    return out
 
 
 def input_statistics(model, adapter: Adapter, layers: list[list[tuple[str, str]]], batches, progress=False):

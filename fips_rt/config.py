@@ -16,8 +16,36 @@ def _fraction(name: str, value: float | None) -> None:
         raise FipsError(f"{name} must lie strictly between 0 and 1 (got {value}).")
 
 
+def _settle_budgets(cfg) -> None:
+    """model_budget wins when both budgets are given; the one left must lie in (0, 1)."""
+    if cfg.mlp_budget is not None and cfg.model_budget is not None:
+        object.__setattr__(cfg, "mlp_budget", None)
+    _fraction("mlp_budget", cfg.mlp_budget)
+    _fraction("model_budget", cfg.model_budget)
+
+
+class _DictRoundTrip:
+    """``to_dict()`` and ``from_dict(d)`` for the config dataclasses (unknown keys are ignored, so an
+    older or newer checkpoint header still loads); ``_tuples`` names list-valued fields that JSON
+    turned from tuples into lists."""
+
+    _tuples: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        for k in cls._tuples:
+            if d.get(k) is not None:
+                d[k] = tuple(tuple(v) if isinstance(v, list) else v for v in d[k])
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class FipsConfig:
+class FipsConfig(_DictRoundTrip):
     """FiPS: groups of consecutive MLPs share a dense basis U; each linear keeps a sparse V_k.
 
     Budget: give ``mlp_budget`` (fraction of MLP parameters kept) or ``model_budget`` (fraction of
@@ -54,10 +82,7 @@ class FipsConfig:
     def __post_init__(self):
         if self.mlp_budget is None and self.model_budget is None:
             raise FipsError("Give a budget: mlp_budget or model_budget.")
-        if self.mlp_budget is not None and self.model_budget is not None:
-            object.__setattr__(self, "mlp_budget", None)  # model_budget wins when both are given
-        _fraction("mlp_budget", self.mlp_budget)
-        _fraction("model_budget", self.model_budget)
+        _settle_budgets(self)
         if not (0.0 <= self.sparsity < 1.0):
             raise FipsError(f"sparsity must lie in [0, 1) (got {self.sparsity}).")
         if self.init not in INITS:
@@ -80,23 +105,12 @@ class FipsConfig:
             object.__setattr__(self, "initial_sparsity", min(max(self.initial_sparsity, 0.0), self.sparsity))
 
     method = "fips"
+    _tuples = ("groups", "nm")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if d.get("groups") is not None:
-            d["groups"] = tuple(tuple(g) for g in d["groups"])
-        if "nm" in d:
-            d["nm"] = tuple(d["nm"])
-        return cls(**d)
 
 
 @dataclass(frozen=True)
-class DeltaConfig:
+class DeltaConfig(_DictRoundTrip):
     """DeltaLLM: consecutive blocks share MLP weights; each non-anchor block adds a low-rank delta A·B.
 
     Budget: ``model_budget`` (fraction of whole-model parameters kept) or ``mlp_budget`` (fraction of
@@ -136,10 +150,7 @@ class DeltaConfig:
         if self.mlp_budget is None and self.model_budget is None:
             if self.delta_rank is None or self.share_size is None:
                 raise FipsError("Give a budget (model_budget or mlp_budget), or both delta_rank and share_size.")
-        if self.mlp_budget is not None and self.model_budget is not None:
-            object.__setattr__(self, "mlp_budget", None)  # model_budget wins when both are given
-        _fraction("model_budget", self.model_budget)
-        _fraction("mlp_budget", self.mlp_budget)
+        _settle_budgets(self)
         if self.layout not in ("sequential", "alternating"):
             raise FipsError(f"layout must be sequential or alternating (got {self.layout!r}).")
         if self.init not in ("weighted", "svd"):
@@ -169,14 +180,6 @@ class DeltaConfig:
             raise FipsError(f"budget_tol must lie in [0, 0.5) (got {self.budget_tol}).")
         if self.ridge < 0:
             raise FipsError(f"ridge must be >= 0 (got {self.ridge}).")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 CONFIG_TYPES = {"fips": FipsConfig, "deltallm": DeltaConfig}

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, block_paths, get_submodule, set_submodule
+from .capture import hooks_removed, linear_input_covariances
 from .config import DeltaConfig
 from .delta_math import (SharingPlan, candidate_plans, choose_plan, covariance_factor, distill_loss, hidden_mse,
-                         lowrank_delta, lr_factor, plan_error, replacement_probability, spectrum_pairs,
+                         lowrank_delta, lr_factor, replacement_probability, spectrum_pairs,
                          weighted_spectrum)
 from .errors import FipsError
 from .modules import DeltaLinear
@@ -59,51 +60,13 @@ def _shapes(model, blocks: list[str], names: list[str]) -> list[tuple[int, int]]
 
 
 # --------------------------------------------------------------------------- statistics
-@contextmanager
-def _removing(handles):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
 def input_covariances(model, adapter: Adapter, blocks: list[str], names: list[str], layers: list[int],
                       batches: list[dict]) -> dict[tuple[int, int], tuple[torch.Tensor, int]]:
-    """X^T X (float64, CPU) and token count of every shareable linear's input in ``layers``.
-    Linears fed by the same tensor (gate/up) share one entry."""
-    from .evaluate import forward
-    stats: dict[tuple[int, int], list] = {}
-    alias: dict[tuple[int, int], tuple[int, int]] = {}
-    seen: dict[int, dict] = {li: {} for li in layers}
-    handles = []
-    for li in layers:
-        for j, n in enumerate(names):
-            mod = get_submodule(model, f"{blocks[li]}.{n}")
-
-            def pre(mod, args, li=li, j=j):
-                x = args[0]
-                key = (x.data_ptr(), tuple(x.shape))
-                first = seen[li].setdefault(key, j)
-                if first != j:
-                    alias[(li, j)] = (li, first)
-                    return
-                x = x.detach().reshape(-1, x.shape[-1]).float()
-                s = stats.setdefault((li, j), [0.0, 0])
-                s[0] = s[0] + (x.T @ x).double().cpu()
-                s[1] += x.shape[0]
-            handles.append(mod.register_forward_pre_hook(pre))
-    dev = next(model.parameters()).device
-    with _removing(handles):
-        for b in batches:
-            for d in seen.values():
-                d.clear()
-            forward(model, {k: v.to(dev) for k, v in b.items()}, adapter.kind)
-    out = {k: (v[0], v[1]) for k, v in stats.items()}
-    for k, a in alias.items():
-        out[k] = out[a]
-    return out
+    """X^T X (float64, CPU) and token count of every shareable linear's input in ``layers``, keyed by
+    (layer, linear index); ``fips_rt.capture.linear_input_covariances`` (gate/up share one entry)."""
+    covs = linear_input_covariances(model, adapter, {li: [f"{blocks[li]}.{n}" for n in names] for li in layers},
+                                    batches)
+    return {(li, j): covs[f"{blocks[li]}.{n}"] for li in layers for j, n in enumerate(names)}
 
 
 # --------------------------------------------------------------------------- planning
@@ -218,7 +181,7 @@ def _block_outputs(model, paths: list[str], sink: list):
     def hook(mod, args, out):
         sink.append(out[0] if isinstance(out, tuple) else out)
     handles = [get_submodule(model, p).register_forward_hook(hook) for p in paths]
-    with _removing(handles):
+    with hooks_removed(handles):
         yield
 
 

@@ -117,6 +117,22 @@ def install_group(model, plan: GroupPlan, U: torch.Tensor, Vs, masks, device) ->
 
 
 # --------------------------------------------------------------------------- local error minimization
+def masked_step(loss, opt, sched, mods: list[FipsLinear], before_mask=None) -> None:
+    """One optimizer step that keeps every V inside its mask: masked entries get no gradient (so no
+    weight-decay drift either) and are zeroed again after the update. ``before_mask()`` sees the raw
+    gradients (RigL's growth criterion)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_mask is not None:
+        before_mask()
+    for m in mods:
+        m.V.grad.mul_(m.mask)
+    opt.step()
+    sched.step()
+    for m in mods:
+        m.apply_mask_()
+
+
 def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLinear], X: dict, Y: dict, *,
                    steps: int, lr: float, weight_decay: float, batch_tokens: int, seed: int, device,
                    desc: str, progress: bool = False, after_backward=None, after_step=None, postfix=None) -> list[float]:
@@ -150,16 +166,7 @@ def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLi
                 for li in layers:
                     x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
                     loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if after_backward is not None:
-                after_backward(step)
-            for m in mods:  # masked entries stay zero: no gradient, no weight decay drift
-                m.V.grad.mul_(m.mask)
-            opt.step()
-            sched.step()
-            for m in mods:
-                m.apply_mask_()
+            masked_step(loss, opt, sched, mods, before_mask=None if after_backward is None else lambda: after_backward(step))
             if after_step is not None:
                 after_step(step)
             losses.append(float(loss.detach()))
@@ -263,14 +270,7 @@ def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: Fip
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             s = forward(model, b, adapter.kind).float()
         loss = distill_loss(s, t, adapter.kind)  # the same loss as DeltaLLM's distillation
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for m in mods:
-            m.V.grad.mul_(m.mask)
-        opt.step()
-        sched.step()
-        for m in mods:
-            m.apply_mask_()
+        masked_step(loss, opt, sched, mods)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     for p in params:

@@ -65,7 +65,7 @@ def _hf_config_dict(config) -> dict:
     return d
 
 
-def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
     if tokenizer is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +119,7 @@ def _load_hf(folder: Path, gguf_file: str | None, name: str) -> LoadedModel:
     except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable with token ids
         tok = None
     source = {"type": "hf", "class": type(model).__name__, "config": _hf_config_dict(model.config),
-              "tokenizer_files": _tokenizer_files(tok)}
+              "tokenizer_files": tokenizer_files(tok)}
     return _finish(model, tok, source, name)
 
 

@@ -1,15 +1,17 @@
 """Tiny random models of every supported family (for tests of all three layers; no downloads)."""
 from __future__ import annotations
 
-from .models import LoadedModel, _finish, _hf_config_dict, _tokenizer_files
+from .models import LoadedModel, _finish, _hf_config_dict, tokenizer_files
 
 FAMILIES = ("llama", "qwen2", "gemma2", "bert", "deit", "swin")
+# decoder variants of the Llama adapter the exporter also covers (a sliding window; q/k norms)
+MORE_DECODERS = ("mistral", "qwen3")
 
 
 def tiny_model(family: str, *, layers: int = 4, seed: int = 0, vocab_size: int = 256, tokenizer=None) -> LoadedModel:
     import torch
     torch.manual_seed(seed)
-    if family in ("llama", "qwen2", "gemma2", "bert"):
+    if family in ("llama", "qwen2", "gemma2", "bert") + MORE_DECODERS:
         import transformers as T
         common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4)
@@ -25,6 +27,14 @@ def tiny_model(family: str, *, layers: int = 4, seed: int = 0, vocab_size: int =
             cfg = T.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                                  sliding_window=16, query_pre_attn_scalar=16)
             model = T.Gemma2ForCausalLM(cfg)
+        elif family == "mistral":
+            cfg = T.MistralConfig(**common, num_key_value_heads=2, max_position_embeddings=256, sliding_window=4,
+                                  tie_word_embeddings=False)
+            model = T.MistralForCausalLM(cfg)
+        elif family == "qwen3":
+            cfg = T.Qwen3Config(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                tie_word_embeddings=True)
+            model = T.Qwen3ForCausalLM(cfg)
         else:
             cfg = T.BertConfig(**common, max_position_embeddings=128)
             model = T.BertModel(cfg)
@@ -34,7 +44,7 @@ def tiny_model(family: str, *, layers: int = 4, seed: int = 0, vocab_size: int =
                 if p.dim() == 2 and "embed" not in name:
                     p.normal_(0, 1.0 / p.shape[1] ** 0.5)
         source = {"type": "hf", "class": type(model).__name__, "config": _hf_config_dict(model.config),
-                  "tokenizer_files": _tokenizer_files(tokenizer)}
+                  "tokenizer_files": tokenizer_files(tokenizer)}
         return _finish(model, tokenizer, source, f"tiny-{family}")
     if family in ("deit", "swin"):
         import timm
@@ -50,4 +60,4 @@ def tiny_model(family: str, *, layers: int = 4, seed: int = 0, vocab_size: int =
         lm = _finish(model, None, source, f"tiny-{family}")
         lm.extra["image_size"] = [3, 32, 32]
         return lm
-    raise ValueError(f"unknown tiny family {family!r}; known: {FAMILIES}")
+    raise ValueError(f"unknown tiny family {family!r}; known: {FAMILIES + MORE_DECODERS}")

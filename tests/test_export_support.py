@@ -12,30 +12,13 @@ import onnx
 import torch
 
 from fips_rt.exporter.synthetic import deltafy_, fipsify_
-from fips_rt.models import LoadedModel, _finish, _hf_config_dict
+from fips_rt.models import LoadedModel
 from fips_rt.testing import tiny_model
 
 
 def tiny(family: str, method: str = "dense", **kw) -> LoadedModel:
-    """tiny_model(family) (+ mistral / qwen3 built here), optionally compressed by the synthetic helpers."""
-    if family in ("mistral", "qwen3"):
-        import transformers as T
-        torch.manual_seed(0)
-        common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-        if family == "mistral":
-            model = T.MistralForCausalLM(T.MistralConfig(**common, sliding_window=4, tie_word_embeddings=False))
-        else:
-            model = T.Qwen3ForCausalLM(T.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() == 2 and "embed" not in name:
-                    p.normal_(0, 1.0 / p.shape[1] ** 0.5)
-        source = {"type": "hf", "class": type(model).__name__, "config": _hf_config_dict(model.config),
-                  "tokenizer_files": {}}
-        lm = _finish(model, None, source, f"tiny-{family}")
-    else:
-        lm = tiny_model(family, **kw)
+    """tiny_model(family), optionally compressed by the synthetic helpers."""
+    lm = tiny_model(family, **kw)
     if method == "fips":
         fipsify_(lm, group_size=2)
     elif method == "delta":
