@@ -29,6 +29,12 @@ Environment:
     FIPS_RT_NO_NATIVE=1           never build or load the native library
     FIPS_RT_CACHE=DIR             cache root (default ~/.cache/fips_rt)
     CXX=...                       compiler to use (else c++, g++, clang++ on PATH)
+    FIPS_RT_CXXFLAGS="..."        extra compiler flags, appended after the default ones (so e.g.
+                                  "-O1" wins over "-O3"); the build goes to its own cache entry.
+                                  An AddressSanitizer build:
+                                  FIPS_RT_CXXFLAGS="-fsanitize=address -fno-omit-frame-pointer -O1 -g"
+                                  (load it with LD_PRELOAD=$(gcc -print-file-name=libasan.so)),
+                                  or library_path(extra_flags=ASAN_FLAGS)
   read by the library when it is loaded / first registered:
     FIPS_SPARSE_FORCE_SCALAR=1    use the portable scalar loops instead of AVX2/FMA
     FIPS_SPARSE_ISA=avx2          on an AVX-512 CPU, use the AVX2 kernels for few tokens too
@@ -50,7 +56,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["library_path", "register", "KERNEL_CHOICES", "SOURCES_DIR", "LIBRARY_NAME"]
+__all__ = ["library_path", "register", "KERNEL_CHOICES", "SOURCES_DIR", "LIBRARY_NAME", "ASAN_FLAGS"]
 
 SOURCES_DIR = Path(__file__).resolve().parent / "kernels"
 LIBRARY_NAME = "libfips_sparse.so"
@@ -58,6 +64,8 @@ KERNEL_CHOICES = ("auto", "native", "reference")
 
 _CXXFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-fvisibility=hidden")
 _BUILD_TIMEOUT_S = 600
+# an AddressSanitizer build of the kernel (tests/test_hardening_onnx.py)
+ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-O1", "-g")
 
 # compiler path -> its `--version` output (asked once per process)
 _compiler_ids: dict[str, str] = {}
@@ -126,7 +134,16 @@ def _cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "fips_rt"
 
 
-def _resolve(build: bool) -> tuple[Path | None, str]:
+def _extra_flags(extra_flags) -> tuple[str, ...]:
+    """Extra compiler flags: the argument if given (a string or a sequence), else FIPS_RT_CXXFLAGS."""
+    if extra_flags is None:
+        extra_flags = os.environ.get("FIPS_RT_CXXFLAGS", "")
+    if isinstance(extra_flags, str):
+        return tuple(shlex.split(extra_flags))
+    return tuple(str(f) for f in extra_flags)
+
+
+def _resolve(build: bool, extra_flags=None) -> tuple[Path | None, str]:
     """(path, "") when the library is ready, else (None, reason)."""
     if os.environ.get("FIPS_RT_NO_NATIVE", "").strip() not in ("", "0"):
         return None, "disabled by FIPS_RT_NO_NATIVE"
@@ -136,10 +153,11 @@ def _resolve(build: bool) -> tuple[Path | None, str]:
     cmd, why = _find_compiler()
     if cmd is None:
         return None, why
+    flags = (*_CXXFLAGS, *_extra_flags(extra_flags))
     h = hashlib.sha256()
     for p in sources:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(" ".join(_CXXFLAGS).encode() + b"\0")
+    h.update(" ".join(flags).encode() + b"\0")
     h.update(" ".join(cmd).encode() + b"\0" + _compiler_id(cmd).encode() + b"\0")
     h.update(_machine_id().encode())
     out_dir = _cache_root() / "kernels" / f"{_ort_version()}-{h.hexdigest()[:16]}"
@@ -154,7 +172,7 @@ def _resolve(build: bool) -> tuple[Path | None, str]:
         os.close(fd)
     except OSError as e:
         return None, f"cannot write the kernel cache {out_dir}: {e}"
-    argv = [*cmd, *_CXXFLAGS, *(str(p) for p in sources if p.suffix == ".cc"), "-o", tmp]
+    argv = [*cmd, *flags, *(str(p) for p in sources if p.suffix == ".cc"), "-o", tmp]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if res.returncode != 0:
@@ -175,14 +193,16 @@ def _resolve(build: bool) -> tuple[Path | None, str]:
                 pass
 
 
-def library_path(build: bool = True) -> Path | None:
+def library_path(build: bool = True, extra_flags=None) -> Path | None:
     """Path of the compiled kernel library, building it into the cache if needed.
 
     Returns None (with one warning) when it cannot be had: no compiler, compilation error,
     or ``FIPS_RT_NO_NATIVE=1``. With ``build=False`` only an already built library is
-    returned (None, silently, otherwise).
+    returned (None, silently, otherwise). ``extra_flags`` (a string or a sequence; default:
+    ``FIPS_RT_CXXFLAGS``) are appended to the compiler flags; such a build has its own cache
+    entry (e.g. ``extra_flags=ASAN_FLAGS`` for an AddressSanitizer build).
     """
-    path, why = _resolve(build)
+    path, why = _resolve(build, extra_flags)
     if path is None and build:
         warnings.warn(f"fips_rt: native sparse kernel unavailable: {why}", RuntimeWarning, stacklevel=2)
     return path

@@ -122,6 +122,20 @@ def read_json(path: Path) -> dict:
         return {}
 
 
+def check_model(onnx_path: str | os.PathLike) -> int:
+    """Check every ``fips.SparseMatMul`` node of the file against the op's rule (docs/sparse-op.md).
+
+    Returns the number of nodes checked; a node that breaks the rule (or a file that is not an ONNX
+    model) raises :class:`FipsRuntimeError`, one line naming the node and what is wrong. Torch- and
+    onnx-free (fips_rt.runtime.validate).
+    """
+    from .validate import ModelValidationError, validate_model
+    try:
+        return validate_model(onnx_path)
+    except ModelValidationError as e:
+        raise FipsRuntimeError(f"{onnx_path}: invalid model: {e}") from None
+
+
 # ---------------------------------------------------------------------------- devices
 def cuda_available() -> bool:
     """True when this onnxruntime build has the CUDA EP and a CUDA device answers."""
@@ -263,6 +277,7 @@ def create_session(path: str | os.PathLike, *, threads: int | None = None, kerne
         raise FipsRuntimeError("provider='cuda' requested but this onnxruntime has no CUDAExecutionProvider "
                                "(pip uninstall onnxruntime && pip install onnxruntime-gpu).")
     t0 = time.perf_counter()
+    check_model(onnx_path)  # before onnxruntime parses anything, whichever kernel path is taken
     so, facts = session_options(threads=threads, kernel=kernel, provider=provider, spinning=spinning,
                                 prepacking=prepacking, mem_pattern=mem_pattern, optimization=optimization)
     providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda"

@@ -4,6 +4,11 @@
 // uint8; attributes rows, cols, transB (default 0).
 //   transB = 0: K == rows, Y[..., cols] = A @ V
 //   transB = 1: K == cols, Y[..., rows] = A @ V^T
+// Validity (docs/sparse-op.md, "The validity rule"): the attributes (1 <= rows, cols;
+// rows * cols < 2**31; transB in {0, 1}) and a constant mask / values are checked when the kernel
+// is created, the actual tensors (A's rank and last dimension, mask exactly ceil(rows*cols/8)
+// bytes, values == popcount, output size) at every call, all with overflow-checked arithmetic and
+// before anything is allocated or written; a violation is an onnxruntime error status.
 // Only float32 has a kernel. float16 nodes: registering a custom op also registers an op
 // *schema* for (fips, SparseMatMul) whose type constraints are the union of the types the
 // ops of that name declare, and onnxruntime then resolves the node against that schema,
@@ -30,6 +35,9 @@
 // Build (what fips_rt.runtime.native does):
 //   c++ -O3 -march=native -shared -fPIC -std=c++17 -fvisibility=hidden
 //       fips_sparse.cc sparse_kernels.cc -o libfips_sparse.so
+// (FIPS_RT_CXXFLAGS appends flags, into a separate cache entry: e.g. an AddressSanitizer build
+// with "-fsanitize=address -fno-omit-frame-pointer -O1 -g", loaded with libasan preloaded.)
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -123,11 +131,14 @@ struct SparseMatMulKernel {
   const OrtApi* api = nullptr;
   uint32_t api_version = 0;
   int64_t rows = 0, cols = 0, trans_b = 0;
+  int64_t bits = 0, nbytes = 0;  // rows * cols and ceil(bits / 8), checked at creation
   // Tables of a constant (initializer) mask, built once when the kernel is created.
   std::unique_ptr<fips::MaskTables> const_tables;
   const uint8_t* const_mask = nullptr;
 
   void compute(OrtKernelContext* ctx) {
+    // Everything the rule of docs/sparse-op.md says about the inputs is checked here, with
+    // overflow-checked arithmetic, before anything is allocated or written.
     size_t n_in = 0;
     check(api, api->KernelContext_GetInputCount(ctx, &n_in));
     if (n_in != 3) fail("expected 3 inputs (A, values, mask), got " + std::to_string(n_in));
@@ -135,48 +146,58 @@ struct SparseMatMulKernel {
     check(api, api->KernelContext_GetInput(ctx, 0, &a_v));
     check(api, api->KernelContext_GetInput(ctx, 1, &val_v));
     check(api, api->KernelContext_GetInput(ctx, 2, &mask_v));
+    if (!a_v || !val_v || !mask_v) fail("an input is missing");
     const TensorInfo ai = tensor_info(api, a_v), vi = tensor_info(api, val_v), mi = tensor_info(api, mask_v);
     if (ai.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || vi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       fail("A and values must be float32");
     if (mi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("mask must be uint8");
     if (ai.dims.empty()) fail("A must have at least 1 dimension");
+    if (vi.dims.size() != 1) fail("values must be 1-D, got " + std::to_string(vi.dims.size()) + " dimensions");
+    if (mi.dims.size() != 1) fail("mask must be 1-D, got " + std::to_string(mi.dims.size()) + " dimensions");
     const int64_t K = ai.dims.back();
     const int64_t need_k = trans_b ? cols : rows;
     if (K != need_k)
       fail("A has last dimension " + std::to_string(K) + " but the node (rows=" + std::to_string(rows) +
            ", cols=" + std::to_string(cols) + ", transB=" + std::to_string(trans_b) + ") needs " +
            std::to_string(need_k));
-    const uint64_t bits = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols);
-    if (mi.count < (bits + 7) / 8)
-      fail("mask has " + std::to_string(mi.count) + " bytes, needs " + std::to_string((bits + 7) / 8));
+    if (mi.count != static_cast<size_t>(nbytes))
+      fail("mask has " + std::to_string(mi.count) + " bytes, rows * cols = " + std::to_string(bits) +
+           " needs exactly " + std::to_string(nbytes));
+    // T = product of A's leading dims; Y has T * n_out elements
+    const int64_t n_out = trans_b ? rows : cols;
+    int64_t T = 1, y_count = 0;
+    for (size_t i = 0; i + 1 < ai.dims.size(); ++i) {
+      if (ai.dims[i] < 0) fail("A has a negative dimension");
+      if (__builtin_mul_overflow(T, ai.dims[i], &T)) fail("A's leading dimensions overflow int64");
+    }
+    if (__builtin_mul_overflow(T, n_out, &y_count) ||
+        static_cast<uint64_t>(y_count) > SIZE_MAX / sizeof(float))
+      fail("the output would have more than 2**63 elements");
 
-    const uint8_t* mask = mi.count ? tensor_data<uint8_t>(api, mask_v) : nullptr;
+    const uint8_t* mask = tensor_data<uint8_t>(api, mask_v);
     // Tables: from the kernel's cache when the mask is the constant seen at creation,
-    // otherwise built for this call.
+    // otherwise built for this call (build_tables checks its preconditions again).
     const fips::MaskTables* tables = nullptr;
     fips::MaskTables local;
     if (const_tables && mask == const_mask) {
       tables = const_tables.get();
     } else {
-      fips::build_tables(mask, rows, cols, trans_b == 0, &local);
+      fips::build_tables(mask, mi.count, rows, cols, trans_b == 0, &local);
       tables = &local;
     }
-    if (static_cast<int64_t>(vi.count) != tables->nnz)
+    if (vi.count != static_cast<size_t>(tables->nnz))
       fail("values has " + std::to_string(vi.count) + " entries but the mask keeps " +
            std::to_string(tables->nnz));
 
     std::vector<int64_t> ydims(ai.dims);
-    ydims.back() = trans_b ? rows : cols;
+    ydims.back() = n_out;
     OrtValue* y_v = nullptr;
     check(api, api->KernelContext_GetOutput(ctx, 0, ydims.data(), ydims.size(), &y_v));
-    int64_t T = 1;
-    for (size_t i = 0; i + 1 < ai.dims.size(); ++i) T *= ai.dims[i];
-    const int64_t n_out = ydims.back();
-    if (T == 0 || n_out == 0) return;  // empty output
+    if (y_count == 0) return;  // empty output
     float* Y = nullptr;
     check(api, api->GetTensorMutableData(y_v, reinterpret_cast<void**>(&Y)));
-    if (tables->nnz == 0) {  // V == 0 (also covers K == 0)
-      std::memset(Y, 0, static_cast<size_t>(T * n_out) * sizeof(float));
+    if (tables->nnz == 0) {  // V == 0
+      std::memset(Y, 0, static_cast<size_t>(y_count) * sizeof(float));
       return;
     }
     const float* A = tensor_data<float>(api, a_v);
@@ -196,7 +217,9 @@ int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name,
   if (!st) return v;
   std::string msg = api->GetErrorMessage(st);
   api->ReleaseStatus(st);
-  if (required) fail(std::string("missing or invalid int attribute '") + name + "': " + msg);
+  // absent: the default; present with another type (e.g. a float transB): refused
+  const bool absent = msg.find("No attribute") != std::string::npos;
+  if (required || !absent) fail(std::string("missing or invalid int attribute '") + name + "': " + msg);
   return dflt;
 }
 
@@ -212,9 +235,11 @@ OrtStatus* create_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKern
     k->rows = attr_int(api, info, "rows", true, 0);
     k->cols = attr_int(api, info, "cols", true, 0);
     k->trans_b = attr_int(api, info, "transB", false, 0);
-    if (k->rows < 0 || k->cols < 0) fail("rows and cols must be >= 0");
-    if (k->trans_b != 0 && k->trans_b != 1) fail("transB must be 0 or 1");
-    // Mask given as an initializer: build its popcount tables once, here.
+    if (const char* why = fips::check_dims(k->rows, k->cols, &k->bits, &k->nbytes))
+      fail(std::string(why) + " (rows=" + std::to_string(k->rows) + ", cols=" + std::to_string(k->cols) + ")");
+    if (k->trans_b != 0 && k->trans_b != 1) fail("transB must be 0 or 1, got " + std::to_string(k->trans_b));
+    // Mask given as an initializer: check it and build its popcount tables once, here; an
+    // invalid constant mask (or constant values that do not match it) refuses the node now.
     int is_const = 0;
     const OrtValue* mask_v = nullptr;
     OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, 2, &is_const, &mask_v);
@@ -222,11 +247,28 @@ OrtStatus* create_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKern
       api->ReleaseStatus(st);
     } else if (is_const && mask_v) {
       const TensorInfo mi = tensor_info(api, mask_v);
-      const uint64_t bits = static_cast<uint64_t>(k->rows) * static_cast<uint64_t>(k->cols);
-      if (mi.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && mi.count >= (bits + 7) / 8 && mi.count > 0) {
-        k->const_mask = tensor_data<uint8_t>(api, mask_v);
-        k->const_tables = std::make_unique<fips::MaskTables>();
-        fips::build_tables(k->const_mask, k->rows, k->cols, k->trans_b == 0, k->const_tables.get());
+      if (mi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) fail("mask must be uint8");
+      if (mi.dims.size() != 1) fail("mask must be 1-D, got " + std::to_string(mi.dims.size()) + " dimensions");
+      if (mi.count != static_cast<size_t>(k->nbytes))
+        fail("mask has " + std::to_string(mi.count) + " bytes, rows * cols = " + std::to_string(k->bits) +
+             " needs exactly " + std::to_string(k->nbytes));
+      k->const_mask = tensor_data<uint8_t>(api, mask_v);
+      k->const_tables = std::make_unique<fips::MaskTables>();
+      fips::build_tables(k->const_mask, mi.count, k->rows, k->cols, k->trans_b == 0, k->const_tables.get());
+      // constant values too: their count must be the mask's popcount
+      int v_const = 0;
+      const OrtValue* val_v = nullptr;
+      OrtStatus* st2 = api->KernelInfoGetConstantInput_tensor(info, 1, &v_const, &val_v);
+      if (st2) {
+        api->ReleaseStatus(st2);
+      } else if (v_const && val_v) {
+        const TensorInfo vi = tensor_info(api, val_v);
+        if (vi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) fail("values must be float32");
+        if (vi.dims.size() != 1)
+          fail("values must be 1-D, got " + std::to_string(vi.dims.size()) + " dimensions");
+        if (vi.count != static_cast<size_t>(k->const_tables->nnz))
+          fail("values has " + std::to_string(vi.count) + " entries but the mask keeps " +
+               std::to_string(k->const_tables->nnz));
       }
     }
     *out = k.release();

@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -995,7 +997,24 @@ const char* kernel_isa() {
   }
 }
 
-void build_tables(const uint8_t* mask, int64_t rows, int64_t cols, bool with_chunks, MaskTables* out) {
+const char* check_dims(int64_t rows, int64_t cols, int64_t* bits, int64_t* nbytes) {
+  if (rows < 1 || cols < 1) return "rows and cols must be >= 1";
+  int64_t n = 0;
+  if (__builtin_mul_overflow(rows, cols, &n) || n > kMaxBits) return "rows * cols must be < 2**31";
+  if (bits) *bits = n;
+  if (nbytes) *nbytes = n / 8 + (n % 8 != 0);
+  return nullptr;
+}
+
+void build_tables(const uint8_t* mask, size_t mask_bytes, int64_t rows, int64_t cols, bool with_chunks,
+                  MaskTables* out) {
+  int64_t bits = 0, nbytes = 0;
+  if (const char* why = check_dims(rows, cols, &bits, &nbytes)) throw std::invalid_argument(why);
+  if (!mask || mask_bytes != static_cast<size_t>(nbytes))
+    throw std::invalid_argument("mask has " + std::to_string(mask_bytes) + " bytes, rows * cols needs " +
+                                std::to_string(nbytes));
+  // every size below is <= bits + 1 < 2**31 (cols >= 1): no overflow, no allocation larger
+  // than 8 bytes per mask bit
   out->rows = rows;
   out->cols = cols;
   out->nchunks = with_chunks ? ceil_div(cols, kChunkCols) : 0;

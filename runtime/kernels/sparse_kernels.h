@@ -50,6 +50,16 @@ namespace fips {
 // x 4 bytes = the 16 KiB L1 tile of the many-token kernels).
 constexpr int64_t kChunkCols = 128;
 
+// The validity rule of docs/sparse-op.md for the attributes: 1 <= rows, 1 <= cols and
+// rows * cols <= kMaxBits (the reference function body indexes V with int32), computed with
+// overflow-checked arithmetic. Every size the kernel derives from the attributes is then
+// bounded by the mask's length: rows + 1 <= 8 * nbytes + 1, ceil(cols / 128) * rows <= bits.
+constexpr int64_t kMaxBits = (int64_t(1) << 31) - 1;
+
+// nullptr when (rows, cols) satisfy the rule (then *bits = rows * cols and *nbytes =
+// ceil(bits / 8)), else a static message saying what is wrong.
+const char* check_dims(int64_t rows, int64_t cols, int64_t* bits, int64_t* nbytes);
+
 struct MaskTables {
   int64_t rows = 0, cols = 0;
   int64_t nnz = 0;                  // number of set bits in the first rows*cols bits
@@ -59,8 +69,10 @@ struct MaskTables {
   std::vector<uint32_t> chunk_off;  // [rows * nchunks], empty unless built with chunks
 };
 
-// Builds the tables for a mask (O(mask bytes), popcount based).
-void build_tables(const uint8_t* mask, int64_t rows, int64_t cols, bool with_chunks,
+// Builds the tables for a mask (O(mask bytes), popcount based). Checks its preconditions
+// itself (check_dims, and mask_bytes == ceil(rows * cols / 8) exactly) before allocating
+// anything; throws std::invalid_argument when they do not hold.
+void build_tables(const uint8_t* mask, size_t mask_bytes, int64_t rows, int64_t cols, bool with_chunks,
                   MaskTables* out);
 
 struct SparseMatrix {
