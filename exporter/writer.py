@@ -4,6 +4,7 @@ Everything is first written into a private temporary folder beside the output (s
 under its final names, so ``onnx.checker.check_model(path)`` sees the real layout (external data is
 found relative to the model). Then the files are renamed into place with ``os.replace``: the
 external data first, the sidecars, the .onnx last; a reader never sees an .onnx whose data is missing.
+Temporaries that killed runs left (``fips_rt.tempfiles``: their PID is gone) are removed first.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import onnx
 from onnx import TensorProto
 
 from fips_rt.errors import FipsError
+from fips_rt.tempfiles import remove_stale_temporaries, temp_path
 
 PROTOBUF_LIMIT = 2 ** 31 - 1
 AUTO_EXTERNAL_BYTES = 1_800_000_000  # leave room for the graph itself under protobuf's 2 GiB
@@ -83,7 +85,8 @@ def write_export(proto: onnx.ModelProto, out: Path, *, external_data: bool | Non
     if not use_external and proto.ByteSize() >= PROTOBUF_LIMIT:
         raise FipsError(f"The model needs {proto.ByteSize() / 2**30:.2f} GiB, more than one .onnx file can hold; "
                         f"export with external data (leave the external-data option on auto).")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_temporaries(out)  # left by a killed earlier run
+    tmp = temp_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -60,35 +60,55 @@ def adapter_by_family(family: str) -> Adapter:
     raise FipsError(f"Unknown model family {family!r}. Supported: {supported()}.")
 
 
+def _path_parts(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    for part in parts:
+        if not part or part.startswith("__") or not (part.isidentifier() or part.isdigit()):
+            raise FipsError(f"{path!r} is not a module path (bad component {part!r}).")
+    return parts
+
+
 def get_submodule(root, path: str):
+    """The submodule at dotted ``path``, walked through the registered children only (``_modules``),
+    never through attributes: ``x.__class__`` or a method name is not a path."""
     mod = root
-    for part in path.split("."):
-        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    for part in _path_parts(path):
+        children = getattr(mod, "_modules", None)
+        if children is None or part not in children or children[part] is None:
+            raise FipsError(f"{path!r} names no submodule of {type(root).__name__} (no {part!r}).")
+        mod = children[part]
     return mod
 
 
 def set_submodule(root, path: str, new) -> None:
-    parent, _, leaf = path.rpartition(".")
-    owner = get_submodule(root, parent) if parent else root
-    if leaf.isdigit():
-        owner[int(leaf)] = new
-    else:
-        setattr(owner, leaf, new)
+    """Replace the registered submodule at ``path`` (it must exist) with the module ``new``."""
+    parts = _path_parts(path)
+    if not parts:
+        raise FipsError("the model itself cannot be replaced as a submodule.")
+    owner = get_submodule(root, ".".join(parts[:-1]))
+    get_submodule(owner, parts[-1])  # must exist: only registered children are replaced
+    owner.add_module(parts[-1], new)
+
+
+def has_submodule(root, path: str) -> bool:
+    try:
+        get_submodule(root, path)
+    except FipsError:
+        return False
+    return True
 
 
 def _expand(root, pattern: str) -> list[str]:
-    parts = pattern.split(".")
     paths = [""]
-    for part in parts:
+    for part in pattern.split("."):
         nxt = []
         for p in paths:
-            try:
-                mod = get_submodule(root, p) if p else root
-            except (AttributeError, IndexError):
+            if not has_submodule(root, p):
                 continue
+            mod = get_submodule(root, p)
             if part == "*":
-                nxt += [f"{p}.{i}".lstrip(".") for i in range(len(mod))]
-            elif hasattr(mod, part) or (part.isdigit() and int(part) < len(mod)):
+                nxt += [f"{p}.{name}".lstrip(".") for name in mod._modules]
+            elif part in mod._modules:
                 nxt.append(f"{p}.{part}".lstrip("."))
         paths = nxt
     return paths

@@ -102,20 +102,21 @@ def _load_hf(folder: Path, gguf_file: str | None, name: str) -> LoadedModel:
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True, **kw)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False, **kw)
     except Exception as e:  # noqa: BLE001 - a user's folder: report one line
         raise FipsError(f"Cannot read a Hugging Face config from {folder}: {str(e).splitlines()[0]}") from None
     archs = list(getattr(config, "architectures", None) or [])
     causal = any(a.endswith("ForCausalLM") for a in archs) or bool(gguf_file)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
-        model = auto.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **kw)
+        model = auto.from_pretrained(folder, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                                     **kw)
     except Exception as e:  # noqa: BLE001
         raise FipsError(f"Cannot load the model in {folder}: {str(e).splitlines()[0]}") from None
     adapter_for(model)  # unsupported architecture: clear error before more work
     tok = None
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False, **kw)
     except Exception:  # noqa: BLE001 - a model without tokenizer files is still usable with token ids
         tok = None
     source = {"type": "hf", "class": type(model).__name__, "config": _hf_config_dict(model.config),
@@ -185,30 +186,73 @@ def load_model(spec: str, checkpoint: str | None = None) -> LoadedModel:
     raise FipsError(f"{spec} is not a model: expected a folder with config.json or a .gguf file.")
 
 
-def build_from_source(source: dict):
-    """Rebuild the architecture (random weights) and its tokenizer from a ``source`` dict."""
+def hf_classes() -> tuple[str, ...]:
+    """The transformers classes a checkpoint may name: those of the adapters (fips_rt.adapters)."""
+    from .adapters import ADAPTERS
+    return tuple(c for a in ADAPTERS if a.kind != "vit" for c in a.classes)
+
+
+def hf_model_type(class_name: str) -> str:
+    """The ``model_type`` of an adapter class (``LlamaForCausalLM`` -> ``llama``)."""
+    import transformers
+    if class_name not in hf_classes():
+        raise FipsError(f"{class_name!r} is not a supported architecture.")
+    return getattr(transformers, class_name).config_class.model_type
+
+
+def build_architecture(source: dict, device: str = "cpu", timm_kwargs: dict | None = None):
+    """The architecture of ``source`` with random weights (fp32, eval), on ``device`` (``"meta"``:
+    shapes only, no memory). ``source`` must have passed ``fips_rt.checkpoint_schema``: the class is
+    an adapter class (never any attribute of transformers), the timm name one timm lists;
+    ``timm_kwargs`` are the allow-listed keyword arguments that check returned."""
     import torch
     if source["type"] == "hf":
         import transformers
         cfg = dict(source["config"])
         model_type = cfg.pop("model_type")
+        if model_type != hf_model_type(source["class"]):
+            raise FipsError(f"model_type {model_type!r} does not match {source['class']}.")
         config = transformers.AutoConfig.for_model(model_type, **cfg)
-        cls = getattr(transformers, source["class"], None)
-        if cls is None:
-            raise FipsError(f"transformers has no class {source['class']} (installed {transformers.__version__}).")
-        with torch.device("cpu"):
+        cls = getattr(transformers, source["class"])
+        with torch.device(device):
             model = cls(config)
-        tok = None
-        if source.get("tokenizer_files"):
-            with tempfile.TemporaryDirectory() as tmp:
-                for fname, data in source["tokenizer_files"].items():
-                    (Path(tmp) / os.path.basename(fname)).write_bytes(data)
-                tok = transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        return model.float().eval(), tok
+        return model.float().eval()
     if source["type"] == "timm":
         import timm
-        return timm.create_model(source["name"], pretrained=False, **source.get("kwargs", {})).float().eval(), None
+        if source["name"] not in timm.list_models():
+            raise FipsError(f"Unknown timm model {source['name']!r}.")
+        kwargs = dict(source.get("kwargs", {}) if timm_kwargs is None else timm_kwargs)
+        with torch.device(device):
+            model = timm.create_model(source["name"], pretrained=False, **kwargs)
+        return model.float().eval()
     raise FipsError(f"Unknown model source type {source.get('type')!r}.")
+
+
+def build_tokenizer(files: dict[str, bytes]):
+    """A tokenizer from its files (names already checked against the allow-list): no remote code,
+    no auto_map, local files only."""
+    import transformers
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, data in files.items():
+            (Path(tmp) / os.path.basename(fname)).write_bytes(data)
+        return transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True, trust_remote_code=False)
+
+
+def build_from_source(source: dict):
+    """Rebuild the architecture (random weights) and its tokenizer from a ``source`` dict, checked
+    first (fips_rt.checkpoint_schema: class, config bounds, timm name and kwargs, tokenizer files)."""
+    from .checkpoint_schema import check_hf_source, check_timm_source, check_tokenizer_files
+    files = source.get("tokenizer_files", {})
+    source = json.loads(source_json(source))  # the plain JSON a checkpoint stores (tuples -> lists)
+    kwargs = None
+    if source.get("type") == "hf":
+        check_hf_source(source, hf_classes())
+    elif source.get("type") == "timm":
+        import timm
+        kwargs = check_timm_source(source, set(timm.list_models()))
+    return build_architecture(source, timm_kwargs=kwargs), build_tokenizer(check_tokenizer_files(files))
 
 
 def source_json(source: dict) -> str:

@@ -69,8 +69,17 @@ class FipsLinear(nn.Module):
     @classmethod
     def from_packed(cls, basis: SharedBasis, values: torch.Tensor, mask_bytes: torch.Tensor,
                     shape: tuple[int, int], orientation: str, bias: torch.Tensor | None = None) -> "FipsLinear":
-        mask = unpack_mask(mask_bytes.cpu().numpy().astype(np.uint8), shape)
-        dense = unpack(values.detach().float().cpu().numpy(), mask_bytes.cpu().numpy().astype(np.uint8), shape)
+        """Rebuild from the stored (values, packed mask); a mask that is not uint8 of exactly
+        ceil(rows*cols/8) bytes, or values whose count differs from the mask's, raise ValueError."""
+        if mask_bytes.dtype != torch.uint8:
+            raise ValueError(f"the mask must be uint8, not {mask_bytes.dtype}.")
+        if not values.dtype.is_floating_point:
+            raise ValueError(f"the values must be floating point, not {values.dtype}.")
+        if basis.weight.dim() != 2 or int(shape[0]) != basis.rank:
+            raise ValueError(f"V has {shape[0]} rows but the basis has rank {basis.rank}.")
+        packed = mask_bytes.detach().cpu().contiguous().numpy()
+        mask = unpack_mask(packed, shape)
+        dense = unpack(values.detach().float().cpu().contiguous().numpy(), packed, shape)
         return cls(basis, torch.from_numpy(dense), torch.from_numpy(mask), orientation, bias)
 
     def extra_repr(self) -> str:

@@ -12,9 +12,31 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(mask, dtype=bool).reshape(-1), bitorder="little")
 
 
+def packed_mask_problem(packed: np.ndarray, shape: tuple[int, int]) -> str | None:
+    """Why ``packed`` is not the packed mask of a ``shape`` matrix (None when it is): uint8, 1-D,
+    exactly ceil(rows*cols/8) bytes, and the padding bits of the last byte zero."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8:
+        return f"the mask must be uint8, not {packed.dtype}"
+    if packed.ndim != 1:
+        return f"the mask must be 1-D, not of shape {list(packed.shape)}"
+    need = mask_nbytes(shape)
+    if packed.size != need:
+        return f"the mask has {packed.size} bytes; a {shape[0]}x{shape[1]} mask has exactly {need}"
+    spare = need * 8 - int(shape[0]) * int(shape[1])
+    if spare and int(packed[-1]) >> (8 - spare):
+        return "the mask sets padding bits past its last entry"
+    return None
+
+
 def unpack_mask(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 [ceil(rows*cols/8)] -> bool [rows, cols]; a mask of the wrong dtype or length is refused
+    (never zero-padded or cut)."""
+    problem = packed_mask_problem(packed, shape)
+    if problem:
+        raise ValueError(problem + ".")
     n = int(shape[0]) * int(shape[1])
-    return np.unpackbits(np.asarray(packed, dtype=np.uint8), count=n, bitorder="little").astype(bool).reshape(shape)
+    return np.unpackbits(np.asarray(packed), count=n, bitorder="little").astype(bool).reshape(shape)
 
 
 def pack(dense: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +47,8 @@ def pack(dense: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def unpack(values: np.ndarray, packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     mask = unpack_mask(packed, shape)
+    if np.asarray(values).ndim != 1:
+        raise ValueError(f"values must be 1-D, not of shape {list(np.asarray(values).shape)}.")
     if int(mask.sum()) != values.size:
         raise ValueError(f"mask has {int(mask.sum())} kept entries but {values.size} values are stored.")
     out = np.zeros(shape, dtype=values.dtype)
@@ -34,6 +58,11 @@ def unpack(values: np.ndarray, packed: np.ndarray, shape: tuple[int, int]) -> np
 
 def mask_nbytes(shape: tuple[int, int]) -> int:
     return (int(shape[0]) * int(shape[1]) + 7) // 8
+
+
+def popcount(packed: np.ndarray) -> int:
+    """Set bits of a packed mask."""
+    return int(np.unpackbits(np.asarray(packed, dtype=np.uint8)).sum())
 
 
 def stored_bytes(nnz: int, shape: tuple[int, int], itemsize: int = 4) -> int:
