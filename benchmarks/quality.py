@@ -144,8 +144,8 @@ def fips_config(S: Settings, budget: float, local: bool = False, distill: bool =
     return FipsConfig(mlp_budget=budget, group_size=S.group_size, sparsity=S.sparsity, init="whitened",
                       ridge=S.ridge, steps=S.steps if local else 0, lr=S.lr, batch_tokens=S.batch_tokens,
                       mask_every=S.mask_every,
-                      global_steps=S.global_steps if distill else 0, global_lr=S.global_lr, seed=S.seed,
-                      keep_teacher=True)
+                      global_steps=S.global_steps if distill else 0, global_lr=S.global_lr,
+                      global_batch=S.calib_batch, seed=S.seed, keep_teacher=True)
 
 
 def fips_params(ctx: Context, budget: float) -> int:

@@ -9,6 +9,7 @@ from .errors import FipsError
 
 PRUNING = ("gmp", "rigl", "nm")
 INITS = ("whitened", "svd")
+REFITS = ("none", "before", "after", "both")
 
 
 def _fraction(name: str, value: float | None) -> None:
@@ -74,7 +75,15 @@ class FipsConfig(_DictRoundTrip):
     # global error minimization (distillation to the dense model: KL on logits / MSE on outputs)
     global_steps: int = 0
     global_lr: float = 1e-4
-    global_batch: int = 2
+    global_batch: int = 2  # calibration rows per distillation step (0: a whole calibration batch)
+    # levers (docs/quality.md, benchmarks/results/quality_ablation_cpu.md)
+    sequential: bool = False  # local fit on inputs from the already-compressed groups (targets stay dense)
+    refit: str = "none"  # closed-form refits in the whitened space: "none", "before"/"after" the local steps, "both"
+    refit_rounds: int = 2  # alternations V (gate/up, then down) -> U per refit (2 beat 1 on both domains)
+    refit_u: bool = True  # also refit the shared U by its normal equations (V fixed)
+    refit_ridge: float = 0.1  # ridge toward the current value, relative to the Hessian's mean diagonal
+    refit_iters: int = 25  # conjugate-gradient iterations per solve
+    refit_target: str = "output"  # down_proj: fit the dense MLP output ("output") or its dense weight ("weight")
     seed: int = 0
     activation_memory_gb: float = 4.0  # teacher MLP I/O held at once (more groups per calibration pass)
     keep_teacher: bool = False  # keep a dense copy for teacher I/O of groups that did not fit in one pass
@@ -98,7 +107,14 @@ class FipsConfig(_DictRoundTrip):
             raise FipsError(f"group_size must be >= 1 (got {self.group_size}).")
         if self.groups is not None:
             object.__setattr__(self, "groups", tuple(tuple(int(i) for i in g) for g in self.groups))
-        for name in ("steps", "global_steps", "batch_tokens", "global_batch", "mask_every"):
+        if self.refit not in REFITS:
+            raise FipsError(f"refit must be one of {', '.join(REFITS)} (got {self.refit!r}).")
+        if self.refit_target not in ("output", "weight"):
+            raise FipsError(f"refit_target must be output or weight (got {self.refit_target!r}).")
+        if self.refit_ridge < 0:
+            raise FipsError(f"refit_ridge must be >= 0 (got {self.refit_ridge}).")
+        for name in ("steps", "global_steps", "batch_tokens", "global_batch", "mask_every", "refit_rounds",
+                     "refit_iters"):
             if getattr(self, name) < 0:
                 raise FipsError(f"{name} must be >= 0 (got {getattr(self, name)}).")
         if not (0.0 <= self.initial_sparsity <= self.sparsity):

@@ -2,6 +2,13 @@
 
 Wiki split (no leakage): an article's split is fixed by a hash of its title —
 train (calibration) 80%, validation 10% (choose settings), test 10% (report).
+
+Out-of-domain English (``--data wordnet``, evaluation only, never calibration): the WordNet 3.0 glosses
+that timm ships for the ImageNet-21k synsets (``timm/data/_info/imagenet_synset_to_definition.txt``,
+21,844 dictionary definitions written by lexicographers, ~1.7 MB). Each gloss becomes one sentence
+(capitalized, full stop), glosses are ordered by a hash of their synset id (so any window mixes
+animals, artifacts, people, plants ...) and split by that hash: validation 50% (ablations), test 50%
+(reported). It has no train split.
 """
 from __future__ import annotations
 
@@ -74,28 +81,83 @@ def read_text_file(path: str | Path) -> list[str]:
     return docs
 
 
+OOD_DATA = ("wordnet",)  # named evaluation-only texts (``fips eval --data NAME``)
+
+
+def _wordnet_file() -> Path:
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise FipsError("The wordnet text needs the pip package timm (it ships the ImageNet synset glosses).")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "_info" / "imagenet_synset_to_definition.txt"
+    if not p.is_file():
+        raise FipsError(f"WordNet glosses not found at {p}.")
+    return p
+
+
+def gloss_sentence(gloss: str) -> str:
+    """One dictionary gloss as a sentence: first letter capitalized, a full stop at the end."""
+    g = " ".join(gloss.split())
+    if not g:
+        return ""
+    g = g[0].upper() + g[1:]
+    return g if g[-1] in ".!?" else g + "."
+
+
+@lru_cache(maxsize=4)
+def wordnet_glosses(split: str) -> tuple[str, ...]:
+    """The glosses of one split ("validation" or "test"; duplicates dropped), in hash order, as sentences
+    grouped 20 to a paragraph (the documents of ``--data wordnet``)."""
+    if split not in ("validation", "test"):
+        raise FipsError(f"The wordnet text is for evaluation only: split must be validation or test (got {split!r}).")
+    rows, seen = [], set()
+    for line in _wordnet_file().read_text(encoding="utf-8").splitlines():
+        sid, _, gloss = line.partition("\t")
+        sent = gloss_sentence(gloss)
+        if not sent or sent in seen:
+            continue
+        seen.add(sent)
+        h = hashlib.sha1(sid.encode("utf-8")).hexdigest()
+        if (int(h[:8], 16) % 2 == 0) == (split == "validation"):
+            rows.append((h, sent))
+    rows.sort()
+    sents = [t for _, t in rows]
+    return tuple(" ".join(sents[i:i + 20]) for i in range(0, len(sents), 20))
+
+
 def documents(data: str, split: str) -> list[str]:
-    """Documents of ``data`` ("wiki" or a file path). A user's file is used whole for every split."""
+    """Documents of ``data`` ("wiki", a named evaluation text of OOD_DATA, or a file path). A user's file
+    is used whole for every split."""
     if data == "wiki":
         return [t for _, t in wiki_articles(split)]
+    if data == "wordnet":
+        return list(wordnet_glosses(split))
     return read_text_file(data)
+
+
+def window_ids(encode, docs: Iterable[str], seq_len: int, n_windows: int, sep: int) -> list[list[int]]:
+    """Fixed, non-overlapping windows (``n_windows`` lists of ``seq_len`` ids, fewer if the text is short)
+    of the concatenated documents, ``sep`` (EOS) between them. ``encode(doc)`` gives a document's ids
+    without special tokens. Torch-free: the PyTorch evaluation and the ONNX one (fips_rt.runtime.evaluate)
+    cut the same windows with it."""
+    ids: list[int] = []
+    need = seq_len * n_windows
+    for doc in docs:
+        ids.extend(int(i) for i in encode(doc))
+        ids.append(int(sep))
+        if len(ids) >= need:
+            break
+    n = min(n_windows, len(ids) // seq_len)
+    if n == 0:
+        raise FipsError(f"The text has {len(ids)} tokens, fewer than one window of {seq_len}.")
+    return [ids[k * seq_len:(k + 1) * seq_len] for k in range(n)]
 
 
 def token_windows(tokenizer, docs: Iterable[str], seq_len: int, n_windows: int):
     """Fixed, non-overlapping windows [N, seq_len] of the concatenated documents (EOS between them)."""
     import torch
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids: list[int] = []
-    need = seq_len * n_windows
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        ids.append(sep)
-        if len(ids) >= need:
-            break
-    n = min(n_windows, len(ids) // seq_len)
-    if n == 0:
-        raise FipsError(f"The text has {len(ids)} tokens, fewer than one window of {seq_len}.")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    wins = window_ids(lambda d: tokenizer(d, add_special_tokens=False)["input_ids"], docs, seq_len, n_windows, sep)
+    return torch.tensor(wins, dtype=torch.long)
 
 
 def lm_batches(tokenizer, data: str, split: str, tokens: int, seq_len: int = 512, batch_size: int = 4) -> list[dict]:

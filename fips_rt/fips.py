@@ -245,6 +245,97 @@ def finalize_masks(mods, col_scales, plan: GroupPlan, cfg: FipsConfig, device) -
             m.apply_mask_()
 
 
+# --------------------------------------------------------------------------- closed-form refits, sequential inputs
+def local_io(model, adapter: Adapter, layers: list[int], io_cache: tuple[dict, dict], calibration, *,
+             sequential: bool, progress: bool = False) -> tuple[dict, dict]:
+    """(X, Y) of a group's local fit, taken out of ``io_cache`` (the dense model's MLP I/O). Y is always
+    the dense model's MLP output (teacher targets). X is the dense MLP input (teacher forcing), or, with
+    ``sequential``, the input the current model feeds these MLPs: groups compressed before carry their
+    error into it (GPTQ/SparseGPT-style). Call it before the group itself is replaced."""
+    X = {li: io_cache[0].pop(li) for li in layers}
+    Y = {li: io_cache[1].pop(li) for li in layers}
+    if sequential and any(isinstance(m, FipsLinear) for m in model.modules()):
+        del X
+        X = teacher_io(model, adapter, layers, calibration, progress)[0]
+    return X, Y
+
+
+@torch.no_grad()
+def _out_input_moments(chain, out_mod: FipsLinear, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096):
+    """H^T H / N and (Y - b)^T H / N of a d_ff -> d linear's input H over the MLP inputs ``x`` (the MLP as
+    it is now), ``y`` its dense targets; and ||Y - b||^2 / N."""
+    acc = {}
+
+    def pre(mod, args):
+        acc["h"] = args[0]
+    h = out_mod.register_forward_pre_hook(pre)
+    n = x.shape[0]
+    CR = R = None
+    const = 0.0
+    try:
+        for i in range(0, n, chunk):
+            run_chain(chain, x[i:i + chunk])
+            H = acc["h"].reshape(-1, acc["h"].shape[-1]).float()
+            t = y[i:i + chunk].float()
+            if out_mod.bias is not None:
+                t = t - out_mod.bias.float()
+            CR = H.T @ H if CR is None else CR + H.T @ H
+            R = t.T @ H if R is None else R + t.T @ H
+            const += float(t.pow(2).sum())
+    finally:
+        h.remove()
+    return CR / n, R / n, const / n
+
+
+@torch.no_grad()
+def refit_group(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsLinear], dense_w: list[torch.Tensor],
+                X: dict, Y: dict, cfg: FipsConfig, device) -> dict:
+    """Closed-form refits of one group in the activation-weighted space (fips_rt.refit), masks fixed:
+    per round, V of every d -> d_ff linear (masked least squares on the layer's MLP input covariance),
+    then V of every d_ff -> d linear on its input as the refitted MLP now produces it (target: the dense
+    MLP output or the dense weight, ``cfg.refit_target``), then U (normal equations), all ridge-regularized
+    toward the current value. Returns the group's weighted (relative) error before and after."""
+    from .refit import Quadratic, refit_u, refit_v, weight_space, weighted_total
+    per_layer = len(plan.linears) // len(plan.layers)
+    U = mods[0].basis.weight
+    qs: list = [None] * len(mods)
+    covs = {li: None for li in plan.layers}
+
+    def quads(j: int, li: int, orientation: str) -> None:
+        x = X[li].to(device)
+        if covs[li] is None:
+            covs[li] = (x.T @ x) / x.shape[0]
+        for k in range(j * per_layer, (j + 1) * per_layer):
+            if mods[k].orientation != orientation:
+                continue
+            if orientation == "in":
+                qs[k] = weight_space(dense_w[k].to(device), CL=covs[li])
+            else:
+                CR, R, const = _out_input_moments(mlp_chain(model, adapter, li), mods[k], x, Y[li].to(device))
+                qs[k] = (Quadratic(None, CR, R, const, 1.0 / max(const, 1e-30)) if cfg.refit_target == "output"
+                         else weight_space(dense_w[k].to(device), CR=CR))
+
+    def solve_v(j: int, orientation: str) -> None:
+        for k in range(j * per_layer, (j + 1) * per_layer):
+            if mods[k].orientation == orientation:
+                mods[k].V.copy_(refit_v(qs[k], U, mods[k].V.detach(), mods[k].mask, ridge=cfg.refit_ridge,
+                                        iters=cfg.refit_iters))
+
+    out: dict = {}
+    for rnd in range(cfg.refit_rounds):
+        for j, li in enumerate(plan.layers):
+            quads(j, li, "in")
+            solve_v(j, "in")
+            quads(j, li, "out")  # down's input as the refitted gate/up now produce it
+            solve_v(j, "out")
+        Vs = [m.V.detach() for m in mods]
+        out.setdefault("refit_error_v", weighted_total(qs, U, Vs))  # sum of relative errors, after round 1's V
+        if cfg.refit_u:
+            U.copy_(refit_u(qs, U.detach(), Vs, ridge=cfg.refit_ridge, iters=cfg.refit_iters))
+        out["refit_error_u"] = weighted_total(qs, U, Vs)  # the same quadratics (down's taken before the U step)
+    return out
+
+
 # --------------------------------------------------------------------------- global error minimization
 def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: FipsConfig, device, progress=False) -> dict:
     """Distillation to the dense model: KL on logits (LMs) or MSE on outputs; only U, V, MLP biases train."""
@@ -264,6 +355,10 @@ def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: Fip
     bar = tqdm(range(steps), desc="global distillation", disable=not progress, leave=False)
     for step in bar:
         b = batches[int(torch.randint(0, len(batches), (1,), generator=gen))]
+        rows = next(iter(b.values())).shape[0]
+        if cfg.global_batch and cfg.global_batch < rows:  # global_batch rows of the batch per step
+            pick = torch.randperm(rows, generator=gen)[:cfg.global_batch]
+            b = {k: v[pick] for k, v in b.items()}
         b = {k: v.to(device) for k, v in b.items()}
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             t = forward(teacher, b, adapter.kind).float()
@@ -361,7 +456,8 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
     # the whitening statistics and the first groups' teacher I/O come from one pass of the dense model
     io_cache: tuple[dict, dict] = ({}, {})
     stats = None
-    first_io = io_layers(todo[0].index) if cfg.steps > 0 and todo else []
+    needs_io = cfg.steps > 0 or cfg.refit != "none"
+    first_io = io_layers(todo[0].index) if needs_io and todo else []
     if cfg.init == "whitened" and first_io:
         stats, io_cache = statistics_and_io(model, adapter, layers, first_io, calibration, progress)
     elif cfg.init == "whitened":
@@ -407,24 +503,39 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
                 masks = [nm_mask(s, *cfg.nm) for s in ini.scores]
             else:
                 masks = masks_final[k:k + n_lin]
-            mods = install_group(model, plan, ini.U, ini.V, masks, device)
             info = {}
-            if cfg.steps > 0:
+            if needs_io:  # before the group is replaced: sequential inputs see only the groups before it
                 if not all(li in io_cache[0] for li in plan.layers):
                     io_cache = prefetch(plan.index)
-                X = {li: io_cache[0].pop(li) for li in plan.layers}
-                Y = {li: io_cache[1].pop(li) for li in plan.layers}
-                info = train_group_local(model, adapter, plan, mods, ini.col_scale, cfg, X, Y, device, progress)
-                del X, Y
+                X, Y = local_io(model, adapter, plan.layers, io_cache, calibration, sequential=cfg.sequential,
+                                progress=progress)
+            dense_w = [_oriented(model, p, o) for p, o in plan.linears] if cfg.refit != "none" else None
+            mods = install_group(model, plan, ini.U, ini.V, masks, device)
+            if needs_io:
+                t1 = time.time()
+                if cfg.refit in ("before", "both") or (cfg.refit == "after" and cfg.steps == 0):
+                    info.update({f"{k}_before": v for k, v in
+                                 refit_group(model, adapter, plan, mods, dense_w, X, Y, cfg, device).items()})
+                if cfg.steps > 0:
+                    info.update(train_group_local(model, adapter, plan, mods, ini.col_scale, cfg, X, Y, device,
+                                                  progress))
+                    if cfg.refit in ("after", "both"):
+                        info.update({f"{k}_after": v for k, v in
+                                     refit_group(model, adapter, plan, mods, dense_w, X, Y, cfg, device).items()})
+                info["seconds_local"] = time.time() - t1
+                del X, Y, dense_w
             if state is not None:
                 _save_state(state, plan, mods, info)
         k += n_lin
         info.update(layers=plan.layers, rank=plan.rank, nnz=sum(m.nnz for m in mods),
                     density=sum(m.nnz for m in mods) / sum(m.mask.numel() for m in mods))
         group_info.append(info)
-        if progress and cfg.steps > 0:
+        if progress and needs_io:
             log(f"group {plan.index} (layers {plan.layers[0]}-{plan.layers[-1]}, rank {plan.rank}): "
-                f"loss {info.get('loss_first') or 0:.4f} -> {info.get('loss_last') or 0:.4f}")
+                + (f"loss {info.get('loss_first') or 0:.4f} -> {info.get('loss_last') or 0:.4f}, "
+                   if "loss_first" in info else "")
+                + ", ".join(f"{k} {v:.4f}" for k, v in info.items() if k.startswith("refit_"))
+                + f" ({info.get('seconds_local', 0):.0f} s)")
     global_info = {}
     if cfg.global_steps > 0:
         global_info = train_global(model, teacher, adapter, calibration, cfg, device, progress)
