@@ -1,22 +1,28 @@
-"""``fips serve``: an OpenAI-style HTTP server around one exported model (standard library only).
+"""``fips serve``: an OpenAI-style HTTP server around one exported model (FastAPI under uvicorn).
 
 Endpoints::
 
-    GET  /health                 {"status": "ok", "model": ..., "kind": ...}
+    GET  /health                 {"status": "ok", "model", "kind", "active", "queued", ...}
     GET  /v1/models              {"object": "list", "data": [{"id": ..., "object": "model", ...}]}
     GET  /v1/models/{id}
     POST /v1/completions         causal LMs; "stream": true -> server-sent events
     POST /v1/chat/completions    causal LMs with a chat template; "stream": true -> server-sent events
     POST /v1/embeddings          encoders
+    GET  /metrics                Prometheus text format
+    GET  /openapi.json           the schema of all of the above
 
-The model is loaded once. Connections are handled by a bounded thread pool; calls into the one
-onnxruntime session are limited by a semaphore (``concurrency``, default 1: requests are served one
-after the other, each using all intra-op threads). Request bodies, prompt lengths and ``max_tokens`` are
-bounded; every invalid request gets a 4xx JSON error ``{"error": {"message", "type", "param", "code"}}``.
-SIGINT/SIGTERM stop accepting, let in-flight requests finish, then exit.
+Transport: uvicorn (asyncio, HTTP/1.1 keep-alive); a request's headers must arrive within
+``header_timeout`` and its body within ``body_timeout`` (408), only ``application/json`` bodies are read
+(415), at most ``max_body_bytes`` (413). Bodies are validated by the pydantic models of
+:mod:`fips_rt.runtime.serve_api`; every client mistake is a 4xx JSON error ``{"error": {"message", "type",
+"param", "code"}}``. Generation runs in the :class:`~fips_rt.runtime.serve_scheduler.Scheduler` thread,
+which owns the session and decodes all active sequences in one call per step; beyond its queue requests
+get 503 with ``Retry-After``. A client that disconnects is cancelled at the next step. SIGINT/SIGTERM: new
+connections are refused, in-flight requests finish within ``shutdown_timeout`` (or end with an error
+event), then the process exits 0.
 """
-from __future__ import annotations
-
+import asyncio
+import base64
 import json
 import math
 import signal
@@ -25,212 +31,146 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable
 
-from .generate import FipsRuntimeError, GenerationResult, Model
+import numpy as np
+from starlette.responses import Response as StarletteResponse
+
+from .serve_scheduler import Overloaded, Scheduler, SchedulerConfig, Sequence, SequenceEnd, ShuttingDown
+from .session import FipsRuntimeError
+from .streaming import GenerationChunk
+
+__all__ = ["ServeConfig", "ApiError", "App", "create_app", "serve", "start_in_thread"]
+
 
 # ============================================================================ configuration
 @dataclass
 class ServeConfig:
-    max_body_bytes: int = 1 << 20        # 1 MiB
+    max_body_bytes: int = 1 << 20         # 1 MiB
     max_prompt_tokens: int | None = None  # None: the model's context (minus 1), else 2048
     max_tokens_limit: int = 1024          # upper bound of "max_tokens"
     default_max_tokens: int = 16          # OpenAI's default for /v1/completions
-    max_batch: int = 32                   # prompts per /v1/completions, inputs per /v1/embeddings
-    max_stop: int = 4
-    concurrency: int = 1                  # model calls in flight
-    workers: int = 32                     # connection-handling threads
-    socket_timeout: float = 60.0          # seconds to receive a request
+    max_inputs: int = 32                  # prompts per /v1/completions, inputs per /v1/embeddings
+    max_batch: int = 16                   # sequences decoded together in one session call
+    max_queue: int = 64                   # sequences waiting for a batch slot; beyond: 503 + Retry-After
+    kv_cache_mib: float | None = 2048.0   # bound of the batch's KV cache (rows x widest reservation)
+    prefill_chunk: int | None = None      # prompt tokens per scheduler step (None: the model's prefill_chunk)
+    header_timeout: float = 10.0          # seconds for a request's headers (idle keep-alive: keep_alive_timeout)
+    body_timeout: float = 10.0            # seconds for a request's body -> 408
+    keep_alive_timeout: float = 5.0
+    shutdown_timeout: float = 25.0        # SIGTERM: in-flight requests get this long, then end with an error
+    max_connections: int = 1024           # open connections + tasks; beyond: 503 (uvicorn)
+    retry_after_s: int = 1
     log: bool = True
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+                 type_: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = int(status)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
         self.type = type_ or ("invalid_request_error" if 400 <= status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-# ============================================================================ validation helpers
-_MISSING = object()
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _type_name(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)
-
-
 def _bad(param: str, msg: str) -> ApiError:
     return ApiError(400, f"'{param}': {msg}", param=param, code="invalid_value")
 
 
-def _get_int(req: dict, name: str, default, lo: int | None = None, hi: int | None = None):
-    v = req.get(name, _MISSING)
-    if v is _MISSING or v is None:
-        return default
-    if not _is_int(v):
-        raise _bad(name, f"expected an integer, got {_type_name(v)}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _bad(name, f"must be between {lo} and {hi}, got {v}")
-    return v
+def _error_bytes(e: ApiError) -> bytes:
+    return json.dumps(e.body()).encode("utf-8")  # ASCII-escaped: never fails, whatever the message holds
 
 
-def _get_num(req: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
-    v = req.get(name, _MISSING)
-    if v is _MISSING or v is None:
-        return default
-    if not _is_num(v):
-        raise _bad(name, f"expected a number, got {_type_name(v)}")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise _bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
-    return float(v)
+POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+GET_ROUTES = ("/health", "/v1/models", "/metrics", "/openapi.json")
 
 
-def _get_bool(req: dict, name: str, default: bool) -> bool:
-    v = req.get(name, _MISSING)
-    if v is _MISSING or v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(name, f"expected a boolean, got {_type_name(v)}")
-    return v
+def _endpoint_label(path: str) -> str:
+    if path in POST_ROUTES or path in GET_ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return "other"
 
 
-# fields accepted (and ignored) only at their neutral value: {name: predicate}
-_NEUTRAL = {
-    "n": lambda v: v is None or v == 1,
-    "best_of": lambda v: v is None or v == 1,
-    "echo": lambda v: v is None or v is False,
-    "logprobs": lambda v: v is None or v is False or v == 0,
-    "top_logprobs": lambda v: v is None or v == 0,
-    "suffix": lambda v: v is None or v == "",
-    "presence_penalty": lambda v: v is None or v == 0,
-    "frequency_penalty": lambda v: v is None or v == 0,
-    "logit_bias": lambda v: v is None or v == {},
-    "user": lambda v: v is None or isinstance(v, str),
-    "parallel_tool_calls": lambda v: True,
-    "tool_choice": lambda v: v is None or v == "none",
-    "tools": lambda v: v is None or v == [],
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "service_tier": lambda v: True,
-    "store": lambda v: v is None or v is False,
-    "metadata": lambda v: v is None or isinstance(v, dict),
-}
-_SAMPLING = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-             "ignore_eos", "stop_token_ids"}
-COMPLETION_FIELDS = _SAMPLING | {"prompt"}
-CHAT_FIELDS = _SAMPLING | {"messages", "max_completion_tokens"}
-EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user", "dimensions"}
-
-
-def _check_fields(req: dict, allowed: set[str]) -> None:
-    for k, v in req.items():
-        if k in allowed:
-            continue
-        if k in _NEUTRAL:
-            if not _NEUTRAL[k](v):
-                raise ApiError(400, f"'{k}' = {json.dumps(v)[:80]} is not supported by this server",
-                               param=k, code="unsupported_value")
-            continue
-        raise ApiError(400, f"unknown field '{k}'", param=k, code="unknown_field")
-
-
-# ============================================================================ the application
+# ============================================================================ the application state
 class App:
-    """Request handling independent of the HTTP plumbing (also usable in-process in tests)."""
+    """What the endpoints share: the model, the limits, the scheduler, the metrics."""
 
-    def __init__(self, model: Model, config: ServeConfig | None = None):
+    def __init__(self, model, config: ServeConfig | None = None):
+        from .serve_metrics import Metrics
+
         self.model = model
-        self.config = config or ServeConfig()
+        self.config = cfg = config or ServeConfig()
         self.created = int(time.time())
-        self.model_slots = threading.BoundedSemaphore(max(1, self.config.concurrency))
-        self.stats_lock = threading.Lock()
         self.requests = 0
-        self.errors = 0
+        self.submitted = 0       # sequences handed to the scheduler
+        self._lock = threading.Lock()
         ctx = getattr(model, "max_positions", None)
-        cfg = self.config
         if cfg.max_prompt_tokens is None:
             cfg.max_prompt_tokens = (ctx - 1) if ctx else 2048
-        if model.kind in ("causal_lm", "encoder"):
+        if model.kind in ("causal-lm", "encoder"):
             model.tokenizer  # load the tokenizer now: fail at start-up, not on the first request
+        self.metrics = Metrics(max_batch=cfg.max_batch)
+        self.scheduler = Scheduler(model, SchedulerConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue,
+                                                          max_kv_tokens=self._kv_tokens(),
+                                                          prefill_chunk=cfg.prefill_chunk),
+                                   metrics=self.metrics).start()
+
+    def _kv_tokens(self) -> int | None:
+        mib = self.config.kv_cache_mib
+        specs = getattr(self.model, "_past_specs", None)
+        if not mib or not specs:
+            return None
+        per_token = sum(h * d * np.dtype(dt).itemsize for (_, h, _, d), dt in specs)
+        return max(1, int(mib * (1 << 20) // per_token))
+
+    def count_request(self, path: str, status: int | None) -> None:
+        with self._lock:
+            self.requests += 1
+        self.metrics.requests.labels(_endpoint_label(path), str(status or 0)).inc()
 
     # ---------------------------------------------------------------- GET
     def health(self) -> dict:
-        return {"status": "ok", "model": self.model.name, "kind": self.model.kind,
-                "kernel": self.model.info.kernel, "provider": self.model.info.provider,
-                "requests": self.requests}
+        st = self.scheduler.stats()
+        return {"status": "shutting_down" if self.scheduler.stopping else "ok", "model": self.model.name,
+                "kind": self.model.kind, "kernel": self.model.info.kernel, "provider": self.model.info.provider,
+                "requests": self.requests, "active": st["active"], "queued": st["queued"],
+                "max_batch": self.config.max_batch}
 
     def model_card(self) -> dict:
         return {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "fips-rt",
                 "kind": self.model.kind, "max_positions": getattr(self.model, "max_positions", None)}
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [self.model_card()]}
-
     # ---------------------------------------------------------------- generation requests
-    def _require_lm(self, endpoint: str) -> None:
-        if self.model.kind != "causal_lm":
-            raise ApiError(400, f"{endpoint} needs a causal language model; '{self.model.name}' is a "
+    def require_kind(self, kind: str, endpoint: str) -> None:
+        if self.model.kind != kind:
+            what = {"causal-lm": "a causal language model", "encoder": "an encoder model"}[kind]
+            raise ApiError(400, f"{endpoint} needs {what}; '{self.model.name}' is a "
                                 f"{self.model.kind.replace('_', ' ')}", code="wrong_model_kind")
 
-    def _sampling(self, req: dict, *, chat: bool) -> dict:
+    def _sampling(self, req, *, chat: bool) -> dict:
         cfg = self.config
-        if "model" in req and req["model"] is not None and not isinstance(req["model"], str):
-            raise _bad("model", f"expected a string, got {_type_name(req['model'])}")
-        max_name = "max_tokens"
-        if chat and req.get("max_completion_tokens") is not None:
-            max_name = "max_completion_tokens"
-        # None: not given -> a default that fits the context, chosen once the prompt is tokenized
-        max_tokens = _get_int(req, max_name, None, 1, cfg.max_tokens_limit)
-        opts = {
-            "max_new_tokens": max_tokens,
-            "temperature": _get_num(req, "temperature", 1.0, 0.0, 2.0),
-            "top_p": _get_num(req, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-            "top_k": _get_int(req, "top_k", 0, 0, 1 << 30),
-            "seed": _get_int(req, "seed", None, 0, (1 << 63) - 1),
-            "ignore_eos": _get_bool(req, "ignore_eos", False),
-        }
-        stop = req.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif isinstance(stop, list):
-            if not all(isinstance(s, str) for s in stop):
-                raise _bad("stop", "expected a string or an array of strings")
-        else:
-            raise _bad("stop", f"expected a string or an array of strings, got {_type_name(stop)}")
-        if len(stop) > cfg.max_stop:
-            raise _bad("stop", f"at most {cfg.max_stop} stop strings")
-        if any(len(s) == 0 or len(s) > 256 for s in stop):
-            raise _bad("stop", "stop strings must have 1 to 256 characters")
-        opts["stop"] = stop
-        st = req.get("stop_token_ids")
-        if st is not None:
-            if not isinstance(st, list) or not all(_is_int(t) for t in st) or len(st) > 64:
-                raise _bad("stop_token_ids", "expected an array of at most 64 integers")
-            opts["stop_token_ids"] = st
-        so = req.get("stream_options")
-        if so is not None and (not isinstance(so, dict) or set(so) - {"include_usage"}
-                               or not isinstance(so.get("include_usage", False), bool)):
-            raise _bad("stream_options", 'expected {"include_usage": true|false}')
+        name, max_tokens = "max_tokens", req.max_tokens
+        if chat and req.max_completion_tokens is not None:
+            name, max_tokens = "max_completion_tokens", req.max_completion_tokens
+        if max_tokens is not None and not 1 <= max_tokens <= cfg.max_tokens_limit:
+            raise _bad(name, f"must be between 1 and {cfg.max_tokens_limit}, got {max_tokens}")
+        stop = req.stop
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        opts = {"max_new_tokens": max_tokens,  # None: a default that fits the context, once tokenized
+                "temperature": 1.0 if req.temperature is None else float(req.temperature),
+                "top_p": 1.0 if req.top_p is None else float(req.top_p),
+                "top_k": req.top_k or 0, "seed": req.seed, "ignore_eos": bool(req.ignore_eos), "stop": stop}
+        if req.stop_token_ids:
+            opts["stop_token_ids"] = list(req.stop_token_ids)
         return opts
 
     def _default_max_tokens(self, opts: dict, prompt_lens: list[int], *, chat: bool) -> None:
@@ -255,75 +195,41 @@ class App:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
                                 f"context of {ctx} positions", param="max_tokens", code="context_length_exceeded")
 
-    def prepare_completion(self, req: dict) -> tuple[list[list[int]], dict, bool, bool]:
-        self._require_lm("/v1/completions")
-        _check_fields(req, COMPLETION_FIELDS)
-        if "prompt" not in req:
-            raise ApiError(400, "missing required field 'prompt'", param="prompt", code="missing_field")
+    def prepare_completion(self, req) -> tuple[list[list[int]], dict]:
         opts = self._sampling(req, chat=False)
-        p = req["prompt"]
+        p = req.prompt
         tok = self.model.tokenizer
+        many = isinstance(p, list) and p and not isinstance(p[0], int)
+        if isinstance(p, list) and not p:
+            raise _bad("prompt", "expected a non-empty string, array of strings, array of token ids or array of "
+                                 "arrays of token ids")
+        if many and len(p) > self.config.max_inputs:
+            raise _bad("prompt", f"at most {self.config.max_inputs} prompts per request")
         if isinstance(p, str):
             prompts = [tok.encode(p)]
-        elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-            if len(p) > self.config.max_batch:
-                raise _bad("prompt", f"at most {self.config.max_batch} prompts per request")
-            prompts = [tok.encode(x) for x in p]
-        elif isinstance(p, list) and p and all(_is_int(x) for x in p):
+        elif not many:
             prompts = [list(p)]
-        elif isinstance(p, list) and p and all(isinstance(x, list) and x and all(_is_int(y) for y in x) for x in p):
-            if len(p) > self.config.max_batch:
-                raise _bad("prompt", f"at most {self.config.max_batch} prompts per request")
-            prompts = [list(x) for x in p]
+        elif isinstance(p[0], str):
+            prompts = [tok.encode(x) for x in p]
         else:
-            raise _bad("prompt", "expected a non-empty string, array of strings, array of token ids or array of "
-                                 f"arrays of token ids; got {_type_name(p)}")
+            prompts = [list(x) for x in p]
         vocab = self.model.vocab_size
         self._default_max_tokens(opts, [len(x) for x in prompts], chat=False)
         for ids in prompts:
             if vocab and any(not 0 <= t < vocab for t in ids):
                 raise _bad("prompt", f"token ids must be in [0, {vocab})")
             self._check_prompt_len(ids, opts["max_new_tokens"], "prompt")
-        stream = _get_bool(req, "stream", False)
-        if stream and len(prompts) > 1:
+        if req.stream and len(prompts) > 1:
             raise _bad("stream", "streaming supports a single prompt")
-        include_usage = bool((req.get("stream_options") or {}).get("include_usage", False))
-        return prompts, opts, stream, include_usage
+        return prompts, opts
 
-    def prepare_chat(self, req: dict) -> tuple[list[int], dict, bool, bool]:
-        self._require_lm("/v1/chat/completions")
-        _check_fields(req, CHAT_FIELDS)
-        msgs = req.get("messages", _MISSING)
-        if msgs is _MISSING:
-            raise ApiError(400, "missing required field 'messages'", param="messages", code="missing_field")
-        if not isinstance(msgs, list) or not msgs:
-            raise _bad("messages", "expected a non-empty array of messages")
-        if len(msgs) > 1024:
-            raise _bad("messages", "at most 1024 messages")
+    def prepare_chat(self, req) -> tuple[list[int], dict]:
         clean = []
-        for i, m in enumerate(msgs):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict):
-                raise _bad(where, f"expected an object, got {_type_name(m)}")
-            extra = set(m) - {"role", "content", "name"}
-            if extra:
-                raise _bad(where, f"unknown field(s) {sorted(extra)}")
-            role = m.get("role")
-            if role not in ("system", "developer", "user", "assistant"):
-                raise _bad(f"{where}.role", "expected one of system, developer, user, assistant")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}]
-                parts = []
-                for part in content:
-                    if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                        raise _bad(f"{where}.content", "only text content parts are supported")
-                    parts.append(part["text"])
-                content = "".join(parts)
-            if not isinstance(content, str):
-                raise _bad(f"{where}.content", f"expected a string, got {_type_name(content)}")
-            msg = {"role": "system" if role == "developer" else role, "content": content}
-            if isinstance(m.get("name"), str):
-                msg["name"] = m["name"]
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.name is not None:
+                msg["name"] = m.name
             clean.append(msg)
         opts = self._sampling(req, chat=True)
         try:
@@ -333,44 +239,396 @@ class App:
         ids = self.model.tokenizer.encode(text, add_special_tokens=False)
         self._default_max_tokens(opts, [len(ids)], chat=True)
         self._check_prompt_len(ids, opts["max_new_tokens"], "messages")
-        stream = _get_bool(req, "stream", False)
-        include_usage = bool((req.get("stream_options") or {}).get("include_usage", False))
-        return ids, opts, stream, include_usage
+        return ids, opts
 
-    def run_generation(self, ids: list[int], opts: dict, callback=None) -> GenerationResult:
-        with self.model_slots:
-            return self.model.generate(ids, callback=callback, **opts)
+    def prepare_embeddings(self, req) -> tuple[list[str], int]:
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if not texts:
+            raise _bad("input", "expected a string or a non-empty array of strings")
+        if len(texts) > self.config.max_inputs:
+            raise _bad("input", f"at most {self.config.max_inputs} inputs per request")
+        if req.dimensions is not None:
+            raise ApiError(400, "'dimensions' is not supported by this model", param="dimensions",
+                           code="unsupported_value")
+        tok = self.model.tokenizer
+        limits = [x for x in (self.config.max_prompt_tokens, self.model.max_input_tokens()) if x]
+        limit = min(limits) if limits else None
+        n_tokens = 0
+        for i, t in enumerate(texts):
+            k = len(tok.encode(t))
+            n_tokens += k
+            if limit and k > limit:
+                raise ApiError(400, f"input[{i}] has {k} tokens; this model accepts at most {limit}",
+                               param="input", code="context_length_exceeded")
+        return texts, n_tokens
 
-    def complete(self, req: dict) -> dict:
-        prompts, opts, _, _ = self.prepare_completion(req)
-        return self.complete_prepared(prompts, opts)
+    def submit(self, seqs: list[Sequence]) -> None:
+        try:
+            self.scheduler.submit(seqs)
+        except Overloaded:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise ApiError(503, "the server is busy (its queue is full); retry later", code="overloaded",
+                           type_="server_error", headers={"Retry-After": str(self.config.retry_after_s)})
+        except ShuttingDown:
+            self.metrics.rejected.labels("shutdown").inc()
+            raise ApiError(503, "the server is shutting down", code="server_shutdown", type_="server_error",
+                           headers={"Retry-After": str(self.config.retry_after_s), "Connection": "close"})
+        except FipsRuntimeError as e:
+            raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded")
+        with self._lock:
+            self.submitted += len(seqs)
+        self.metrics.prompt_tokens.inc(sum(len(s.prompt_ids) for s in seqs))
 
-    def complete_prepared(self, prompts: list[list[int]], opts: dict) -> dict:
-        choices, pt, ct = [], 0, 0
-        for i, ids in enumerate(prompts):
-            r = self.run_generation(ids, opts)
-            choices.append({"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason})
-            pt += r.prompt_tokens
-            ct += r.completion_tokens
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model.name, "choices": choices,
-                "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}
+    def begin_shutdown(self) -> None:
+        self.scheduler.begin_shutdown(self.config.shutdown_timeout)
 
-    def chat(self, req: dict) -> dict:
-        ids, opts, _, _ = self.prepare_chat(req)
-        return self.chat_prepared(ids, opts)
 
-    def chat_prepared(self, ids: list[int], opts: dict) -> dict:
-        r = self.run_generation(ids, opts)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                             "finish_reason": r.finish_reason}],
-                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                          "total_tokens": r.prompt_tokens + r.completion_tokens}}
+# ============================================================================ JSON body guard (pure ASGI)
+class _Disconnected(Exception):
+    pass
 
-    def stream_events(self, ids: list[int], opts: dict, *, chat: bool, include_usage: bool):
-        """Yield the JSON objects of a streamed completion (the caller writes them as SSE)."""
+
+def _find_surrogate(obj, path: str = "") -> str | None:
+    """The path of the first string (or key) holding a lone surrogate (not encodable as UTF-8), else None."""
+    stack = [(obj, path)]
+    while stack:
+        x, p = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return p or "body"
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                kp = f"{p}.{k}" if p else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return p or "body"
+                stack.append((v, kp))
+        elif isinstance(x, list):
+            stack.extend((v, f"{p}[{i}]") for i, v in enumerate(x))
+    return None
+
+
+def _parse_json(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8", code="invalid_json") from None
+
+    def no_constants(c):
+        raise ValueError(f"{c} is not valid JSON")
+
+    def finite(s: str) -> float:
+        v = float(s)
+        if not math.isfinite(v):
+            raise ValueError(f"number {s[:40]} is out of range")
+        return v
+
+    try:
+        obj = json.loads(text, parse_constant=no_constants, parse_float=finite)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"malformed JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+                type(None): "null"}.get(type(obj), "value")
+        raise ApiError(400, f"the JSON body must be an object, got {kind}", code="invalid_json")
+    where = _find_surrogate(obj)
+    if where is not None:
+        raise ApiError(400, f"'{where.encode('utf-8', 'backslashreplace').decode()}': a string holds a lone "
+                            f"surrogate (not valid Unicode)", param=None, code="invalid_json")
+    return obj
+
+
+class Guard:
+    """Outermost ASGI middleware: counts requests by status, and for the JSON POST endpoints checks the
+    content type (415), the size (413) and the arrival time (408) of the body and that it is well-formed,
+    finite, surrogate-free JSON (400) before FastAPI sees it."""
+
+    def __init__(self, app, state: App):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: list[int | None] = [None]
+
+        async def send_counted(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        path = scope.get("path", "")
+        try:
+            if scope.get("method") == "POST" and path in POST_ROUTES:
+                try:
+                    body = await self._read_body(scope, receive)
+                except _Disconnected:
+                    status[0] = 499
+                    return
+                except ApiError as e:  # the body may be unread: close the connection after the answer
+                    return await _send_error(send_counted, e, close=True)
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.state.count_request(path, status[0])
+
+    async def _read_body(self, scope, receive) -> bytes:
+        cfg = self.state.config
+        if self.state.scheduler.stopping:
+            raise ApiError(503, "the server is shutting down", code="server_shutdown", type_="server_error",
+                           headers={"Retry-After": str(cfg.retry_after_s)})
+        headers = {}
+        for k, v in scope.get("headers", []):
+            headers.setdefault(k.lower(), v)
+        ctype = headers.get(b"content-type", b"").decode("latin-1")
+        media, _, params = ctype.partition(";")
+        media = media.strip().lower()
+        charset = ""
+        for param in params.split(";"):
+            k, _, v = param.partition("=")
+            if k.strip().lower() == "charset":
+                charset = v.strip().strip('"').lower()
+        if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))) \
+                or charset not in ("", "utf-8", "utf8"):
+            raise ApiError(415, f"expected a JSON body (Content-Type: application/json), got "
+                                f"{ctype[:80]!r}" if ctype else "expected a JSON body; send "
+                                "Content-Type: application/json", code="unsupported_media_type")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+                if n < 0:
+                    raise ValueError
+            except ValueError:
+                raise ApiError(400, "invalid Content-Length", code="bad_request") from None
+            if n > cfg.max_body_bytes:
+                raise ApiError(413, f"request body of {n} bytes exceeds the limit of {cfg.max_body_bytes} bytes",
+                               code="request_too_large")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.body_timeout
+        parts, total = [], 0
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                msg = await asyncio.wait_for(receive(), remaining)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {cfg.body_timeout:g} s",
+                               code="request_timeout") from None
+            if msg["type"] == "http.disconnect":
+                raise _Disconnected()
+            chunk = msg.get("body", b"")
+            total += len(chunk)
+            if total > cfg.max_body_bytes:
+                raise ApiError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes",
+                               code="request_too_large")
+            parts.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        raw = b"".join(parts)
+        _parse_json(raw)  # refuse what FastAPI's json.loads would let through (NaN, 1e400, lone surrogates)
+        return raw
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
+
+
+async def _send_error(send, e: ApiError, close: bool = False) -> None:
+    body = _error_bytes(e)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in e.headers.items()]
+    if close and b"connection" not in {k for k, _ in headers}:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+# ============================================================================ the FastAPI app
+def _loc_param(loc) -> str:
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    """One 400 for pydantic's errors: the first field at fault, named as a path (``messages[0].role``);
+    the alternatives of a union (``prompt``: string, array, ...) are reported together."""
+    def loc(e):
+        lo = tuple(e.get("loc", ()))
+        return lo[1:] if lo and lo[0] == "body" else lo
+    if not errors:
+        return ApiError(400, "invalid request", code="invalid_value")
+    first = loc(errors[0])
+    group = [e for e in errors if loc(e)[:1] == first[:1]]
+    prefix = list(loc(group[0]))
+    for e in group[1:]:
+        lo = loc(e)
+        n = 0
+        while n < min(len(prefix), len(lo)) and prefix[n] == lo[n]:
+            n += 1
+        prefix = prefix[:n]
+    param = _loc_param(prefix) or None
+    e0 = group[0]
+    if len(group) == 1 and e0.get("type") == "extra_forbidden":
+        return ApiError(400, f"unknown field '{param}'", param=param, code="unknown_field")
+    if len(group) == 1 and e0.get("type") == "missing":
+        return ApiError(400, f"missing required field '{param}'", param=param, code="missing_field")
+    msgs = []
+    for e in group:
+        m = str(e.get("msg", "invalid value"))
+        if m not in msgs:
+            msgs.append(m)
+    return ApiError(400, f"'{param}': " + "; or ".join(msgs)[:500] if param else "; ".join(msgs)[:500],
+                    param=param, code="invalid_value")
+
+
+def create_app(model, config: ServeConfig | None = None):
+    """The ASGI application (FastAPI, wrapped in :class:`Guard`) serving ``model``; starts its scheduler.
+    ``.state`` is the :class:`App`."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from . import serve_api as A
+    from .serve_metrics import CONTENT_TYPE_LATEST
+
+    state = App(model, config)
+    cfg = state.config
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        state.begin_shutdown()
+        await run_in_threadpool(state.scheduler.close, cfg.shutdown_timeout + 5)
+
+    errors = {status: {"model": A.ErrorResponse, "description": desc} for status, desc in (
+        (400, "invalid request"), (408, "body too slow"), (413, "body too large"), (415, "not JSON"),
+        (503, "overloaded or shutting down (Retry-After)"))}
+    stream_doc = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "JSON, or server-sent events when stream is true"}}
+    api = FastAPI(title="fips serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-style completions, chat completions and embeddings of one exported model.")
+
+    def error_response(e: ApiError) -> JSONResponse:
+        return Response(_error_bytes(e), status_code=e.status, media_type="application/json", headers=e.headers)
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        return error_response(_validation_error(list(e.errors())))
+
+    @api.exception_handler(FipsRuntimeError)
+    async def _runtime_error(request, e: FipsRuntimeError):
+        return error_response(ApiError(400, str(e), code="invalid_request"))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = (f"no such endpoint: {request.method} {request.url.path}" if e.status_code == 404 else
+               f"method {request.method} not allowed on {request.url.path}" if e.status_code == 405 else
+               str(e.detail))
+        return error_response(ApiError(e.status_code, msg, code=code, headers=dict(e.headers or {})))
+
+    @api.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        sys.stderr.write(f"[fips serve] internal error: {type(e).__name__}: {e}\n")
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+
+    # ---------------------------------------------------------------- GET
+    @api.get("/health", response_model=A.Health, responses={503: {"model": A.Health}})
+    async def health():
+        h = state.health()
+        return JSONResponse(h, status_code=503 if h["status"] != "ok" else 200)
+
+    @api.get("/v1/models", response_model=A.ModelList)
+    async def models():
+        return {"object": "list", "data": [state.model_card()]}
+
+    @api.get("/v1/models/{model_id:path}", response_model=A.ModelCard, responses={404: {"model": A.ErrorResponse}})
+    async def model_card(model_id: str):
+        if model_id != model.name:
+            raise ApiError(404, f"model '{model_id}' not found; this server serves '{model.name}'",
+                           code="model_not_found")
+        return state.model_card()
+
+    @api.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---------------------------------------------------------------- generation
+    def new_sequences(prompts, opts, loop) -> tuple[list[Sequence], list[asyncio.Queue]]:
+        seqs, queues = [], []
+        for ids in prompts:
+            q: asyncio.Queue = asyncio.Queue()
+
+            def emit(item, q=q):
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+                except RuntimeError:  # the event loop is gone (shutdown)
+                    pass
+            seqs.append(Sequence(model, ids, emit=emit, **opts))
+            queues.append(q)
+        return seqs, queues
+
+    async def collect(q: asyncio.Queue) -> tuple[str, int, str | None]:
+        parts, n, finish = [], 0, None
+        while True:
+            item = await q.get()
+            if isinstance(item, SequenceEnd):
+                if item.error is not None:
+                    status = 503 if item.code == "server_shutdown" else 500
+                    raise ApiError(status, item.error, code=item.code, type_="server_error")
+                return "".join(parts), n, finish
+            parts.append(item.text)
+            n += len(item.token_ids)
+            finish = item.finish_reason or finish
+
+    async def run(request: Request, seqs, queues):
+        """Wait for all sequences; a client that goes away cancels them."""
+        task = asyncio.ensure_future(asyncio.gather(*(collect(q) for q in queues)))
+        watch = asyncio.ensure_future(_wait_disconnect(request.receive))
+        try:
+            done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            return None
+        finally:
+            for t in (task, watch):
+                t.cancel()
+            for s in seqs:
+                if not s.done:
+                    state.scheduler.cancel(s)
+
+    def stream_response(seqs, queues, *, chat: bool, include_usage: bool):
+        s, q = seqs[0], queues[0]
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -385,299 +643,261 @@ class App:
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-            return {"id": cid, "object": obj, "created": created, "model": self.model.name, "choices": [choice]}
+            return {"id": cid, "object": obj, "created": created, "model": model.name, "choices": [choice]}
 
-        if chat:
-            yield event("", None, first=True)
-        n = 0
-        with self.model_slots:
-            for chunk in self.model.stream(ids, **opts):
-                n += len(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    if chunk.text:
-                        yield event(chunk.text, None)
-                    yield event(None if chat else "", chunk.finish_reason)
-                elif chunk.text:
-                    yield event(chunk.text, None)
-        if include_usage:
-            yield {"id": cid, "object": obj, "created": created, "model": self.model.name, "choices": [],
-                   "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+        async def events():
+            if chat:
+                yield event("", None, first=True)
+            n = 0
+            while True:
+                item = await q.get()
+                if isinstance(item, SequenceEnd):
+                    if item.error is not None:
+                        yield ApiError(503 if item.code == "server_shutdown" else 500, item.error, code=item.code,
+                                       type_="server_error").body()
+                        break
+                    if include_usage:
+                        pt = len(s.prompt_ids)
+                        yield {"id": cid, "object": obj, "created": created, "model": model.name, "choices": [],
+                               "usage": {"prompt_tokens": pt, "completion_tokens": n, "total_tokens": pt + n}}
+                    break
+                n += len(item.token_ids)
+                if item.finish_reason is not None:
+                    if item.text:
+                        yield event(item.text, None)
+                    yield event(None if chat else "", item.finish_reason)
+                elif item.text:
+                    yield event(item.text, None)
 
-    # ---------------------------------------------------------------- embeddings
-    def embeddings(self, req: dict) -> dict:
-        if self.model.kind != "encoder":
-            raise ApiError(400, f"/v1/embeddings needs an encoder model; '{self.model.name}' is a "
-                                f"{self.model.kind.replace('_', ' ')}", code="wrong_model_kind")
-        _check_fields(req, EMBEDDING_FIELDS)
-        if "model" in req and req["model"] is not None and not isinstance(req["model"], str):
-            raise _bad("model", f"expected a string, got {_type_name(req['model'])}")
-        inp = req.get("input", _MISSING)
-        if inp is _MISSING:
-            raise ApiError(400, "missing required field 'input'", param="input", code="missing_field")
-        if isinstance(inp, str):
-            texts = [inp]
-        elif isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
-            texts = inp
-        else:
-            raise _bad("input", "expected a string or a non-empty array of strings")
-        if len(texts) > self.config.max_batch:
-            raise _bad("input", f"at most {self.config.max_batch} inputs per request")
-        fmt = req.get("encoding_format") or "float"
-        if fmt not in ("float", "base64"):
-            raise _bad("encoding_format", "expected 'float' or 'base64'")
-        if req.get("dimensions") is not None:
-            raise ApiError(400, "'dimensions' is not supported by this model", param="dimensions",
-                           code="unsupported_value")
-        tok = self.model.tokenizer
-        limit = min(x for x in (self.config.max_prompt_tokens, self.model.max_input_tokens()) if x) \
-            if (self.config.max_prompt_tokens or self.model.max_input_tokens()) else None
-        n_tokens = 0
-        for i, t in enumerate(texts):
-            k = len(tok.encode(t))
-            n_tokens += k
-            if limit and k > limit:
-                raise ApiError(400, f"input[{i}] has {k} tokens; this model accepts at most {limit}",
-                               param="input", code="context_length_exceeded")
-        with self.model_slots:
-            emb = self.model.embed(texts)
+        def on_close():
+            if not s.done:
+                state.scheduler.cancel(s)
+        return EventStream(events(), on_close)
+
+    def completion_body(results) -> dict:
+        choices, ct = [], 0
+        for i, (text, n, finish) in enumerate(results):
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+            ct += n
+        return choices, ct
+
+    @api.post("/v1/completions", response_model=A.Completion, responses={**errors, **stream_doc})
+    async def completions(body: A.CompletionRequest, request: Request):
+        state.require_kind("causal-lm", "/v1/completions")
+        prompts, opts = await run_in_threadpool(state.prepare_completion, body)
+        seqs, queues = await run_in_threadpool(new_sequences, prompts, opts, asyncio.get_running_loop())
+        state.submit(seqs)
+        if body.stream:
+            return stream_response(seqs, queues, chat=False,
+                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        results = await run(request, seqs, queues)
+        if results is None:
+            return Response(status_code=499)
+        choices, ct = completion_body(results)
+        pt = sum(len(p) for p in prompts)
+        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                             "created": int(time.time()), "model": model.name, "choices": choices,
+                             "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
+
+    @api.post("/v1/chat/completions", response_model=A.ChatCompletion, responses={**errors, **stream_doc})
+    async def chat_completions(body: A.ChatCompletionRequest, request: Request):
+        state.require_kind("causal-lm", "/v1/chat/completions")
+        ids, opts = await run_in_threadpool(state.prepare_chat, body)
+        seqs, queues = await run_in_threadpool(new_sequences, [ids], opts, asyncio.get_running_loop())
+        state.submit(seqs)
+        if body.stream:
+            return stream_response(seqs, queues, chat=True,
+                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        results = await run(request, seqs, queues)
+        if results is None:
+            return Response(status_code=499)
+        (text, n, finish), = results
+        return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                             "created": int(time.time()), "model": model.name,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "logprobs": None, "finish_reason": finish}],
+                             "usage": {"prompt_tokens": len(ids), "completion_tokens": n,
+                                       "total_tokens": len(ids) + n}})
+
+    @api.post("/v1/embeddings", response_model=A.EmbeddingList, responses=errors)
+    async def embeddings(body: A.EmbeddingRequest):
+        state.require_kind("encoder", "/v1/embeddings")
+        texts, n_tokens = await run_in_threadpool(state.prepare_embeddings, body)
+        try:
+            fut = state.scheduler.run_job(lambda: model.embed(texts))
+        except (Overloaded, ShuttingDown) as e:
+            raise ApiError(503, "the server is busy; retry later" if isinstance(e, Overloaded) else
+                           "the server is shutting down", code="overloaded", type_="server_error",
+                           headers={"Retry-After": str(cfg.retry_after_s)})
+        emb = await asyncio.wrap_future(fut)
         data = []
         for i, row in enumerate(emb):
-            if fmt == "base64":
-                import base64
-                vec: Any = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
-            else:
-                vec = [float(x) for x in row]
+            vec: Any = (base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+                        if body.encoding_format == "base64" else [float(x) for x in row])
             data.append({"object": "embedding", "index": i, "embedding": vec})
-        return {"object": "list", "data": data, "model": self.model.name,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        state.metrics.prompt_tokens.inc(n_tokens)
+        return JSONResponse({"object": "list", "data": data, "model": model.name,
+                             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+    guarded = Guard(api, state)
+    guarded.state = state  # type: ignore[attr-defined]
+    guarded.api = api      # type: ignore[attr-defined]
+    return guarded
 
 
-# ============================================================================ HTTP plumbing
-GET_ROUTES = {"/health", "/v1/models"}
-POST_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+class EventStream(StarletteResponse):
+    """A server-sent-events response: ``data: {json}`` per event, then ``data: [DONE]``. It watches for the
+    client's disconnect while streaming and calls ``on_close`` when it ends, either way."""
 
+    media_type = "text/event-stream"
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "fips-serve/0.1"
-    protocol_version = "HTTP/1.1"
-    app: App  # set on the subclass made by make_server
+    def __init__(self, events, on_close: Callable[[], None]):
+        super().__init__(status_code=200, media_type=self.media_type)
+        self.events = events
+        self.on_close = on_close
 
-    # -- plumbing
-    def setup(self):
-        super().setup()
-        self.connection.settimeout(self.app.config.socket_timeout)
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
 
-    def log_message(self, fmt, *args):  # noqa: N802 - stdlib name
-        if self.app.config.log:
-            sys.stderr.write(f"[fips serve] {self.address_string()} {fmt % args}\n")
+        async def pump():
+            async for ev in self.events:
+                data = b"data: " + json.dumps(ev, ensure_ascii=False).encode("utf-8") + b"\n\n"
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
-    def _send_json(self, status: int, obj: Any, headers: dict | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.close_connection = True
-
-    def _send_error(self, e: ApiError, headers: dict | None = None) -> None:
-        with self.app.stats_lock:
-            self.app.errors += 1
-        self._send_json(e.status, e.body(), headers)
-
-    def _path(self) -> str:
-        p = self.path.split("?", 1)[0].split("#", 1)[0]
-        return p.rstrip("/") or "/"
-
-    def _route_error(self, path: str) -> ApiError:
-        if path in GET_ROUTES or path.startswith("/v1/models/"):
-            return ApiError(405, f"method {self.command} not allowed on {path}; use GET", code="method_not_allowed")
-        if path in POST_ROUTES:
-            return ApiError(405, f"method {self.command} not allowed on {path}; use POST", code="method_not_allowed")
-        return ApiError(404, f"no such endpoint: {self.command} {path}", code="not_found")
-
-    def _read_json(self) -> dict:
-        cfg = self.app.config
-        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
-            raise ApiError(411, "send the body with a Content-Length (chunked transfer encoding is not supported)",
-                           code="length_required")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise ApiError(411, "a JSON body with a Content-Length header is required", code="length_required")
+        pump_task = asyncio.ensure_future(pump())
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, f"invalid Content-Length {length!r}", code="bad_request") from None
-        if n > cfg.max_body_bytes:
-            raise ApiError(413, f"request body of {n} bytes exceeds the limit of {cfg.max_body_bytes} bytes",
-                           code="request_too_large")
-        raw = self.rfile.read(n)
-        if len(raw) != n:
-            raise ApiError(400, "request body shorter than its Content-Length", code="bad_request")
-
-        def no_constants(c):
-            raise ValueError(f"{c} is not valid JSON")
-
-        try:
-            obj = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
-        except UnicodeDecodeError:
-            raise ApiError(400, "request body is not UTF-8", code="invalid_json") from None
-        except (ValueError, RecursionError) as e:
-            raise ApiError(400, f"malformed JSON: {e}", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, f"the JSON body must be an object, got {_type_name(obj)}", code="invalid_json")
-        return obj
-
-    # -- methods
-    def do_GET(self):  # noqa: N802
-        path = self._path()
-        with self.app.stats_lock:
-            self.app.requests += 1
-        try:
-            if path == "/health":
-                return self._send_json(200, self.app.health())
-            if path == "/v1/models":
-                return self._send_json(200, self.app.models())
-            if path.startswith("/v1/models/"):
-                mid = path[len("/v1/models/"):]
-                if mid == self.app.model.name:
-                    return self._send_json(200, self.app.model_card())
-                raise ApiError(404, f"model '{mid}' not found; this server serves '{self.app.model.name}'",
-                               code="model_not_found")
-            raise self._route_error(path)
-        except ApiError as e:
-            self._send_error(e, {"Allow": "GET"} if e.status == 405 else None)
-
-    def do_HEAD(self):  # noqa: N802
-        self.do_GET()
-
-    def do_POST(self):  # noqa: N802
-        path = self._path()
-        with self.app.stats_lock:
-            self.app.requests += 1
-        app = self.app
-        try:
-            if path not in POST_ROUTES:
-                raise self._route_error(path)
-            req = self._read_json()
-            if path == "/v1/embeddings":
-                return self._send_json(200, app.embeddings(req))
-            if path == "/v1/completions":
-                prompts, opts, stream, usage = app.prepare_completion(req)
-                if stream:
-                    return self._stream(app.stream_events(prompts[0], opts, chat=False, include_usage=usage))
-                return self._send_json(200, app.complete_prepared(prompts, opts))
-            ids, opts, stream, usage = app.prepare_chat(req)
-            if stream:
-                return self._stream(app.stream_events(ids, opts, chat=True, include_usage=usage))
-            return self._send_json(200, app.chat_prepared(ids, opts))
-        except ApiError as e:
-            self._send_error(e, {"Allow": "POST"} if e.status == 405 else None)
-        except FipsRuntimeError as e:
-            self._send_error(ApiError(400, str(e), code="invalid_request"))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # keep serving; report the failure
-            self.log_message("internal error: %r", e)
-            self._send_error(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
-
-    def _other(self):
-        try:
-            raise self._route_error(self._path())
-        except ApiError as e:
-            allow = "GET" if (self._path() in GET_ROUTES) else "POST"
-            self._send_error(e, {"Allow": allow} if e.status == 405 else None)
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other  # noqa: N815
-
-    def _stream(self, events) -> None:
-        """Write events as server-sent events (``data: {...}`` lines, then ``data: [DONE]``)."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        try:
-            for ev in events:
-                self.wfile.write(b"data: " + json.dumps(ev, ensure_ascii=False).encode("utf-8") + b"\n\n")
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the client went away; the generator is closed and the model slot released
-        except Exception as e:  # headers are gone: report in-band
-            err = ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body()
-            try:
-                self.wfile.write(b"data: " + json.dumps(err).encode("utf-8") + b"\n\n")
-                self.wfile.flush()
-            except OSError:
-                pass
+            done, _ = await asyncio.wait({pump_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if pump_task in done and not pump_task.cancelled():
+                exc = pump_task.exception()
+                if exc is not None and not isinstance(exc, OSError):
+                    raise exc
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()  # releases the model slot at once when the client went away
+            for t in (pump_task, watch):
+                t.cancel()
+            self.on_close()
 
 
-class PoolHTTPServer(HTTPServer):
-    """HTTPServer whose connections are handled by a bounded thread pool."""
+# ============================================================================ uvicorn
+def _protocol_class(header_timeout: float):
+    """uvicorn's h11 protocol plus a deadline for a request's headers (from the connection's opening or
+    the previous response): a connection that stalls before its request is complete is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    allow_reuse_address = True
-    request_queue_size = 128
+    class Protocol(H11Protocol):
+        _fips_timer = None
 
-    def __init__(self, address, handler, workers: int):
-        host = address[0]
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fips-serve")
-        super().__init__(address, handler)
+        def _fips_arm(self):
+            self._fips_disarm()
+            self._fips_timer = self.loop.call_later(header_timeout, self._fips_expire)
 
-    def process_request(self, request, client_address):
-        self.pool.submit(self._work, request, client_address)
+        def _fips_disarm(self):
+            if self._fips_timer is not None:
+                self._fips_timer.cancel()
+                self._fips_timer = None
 
-    def _work(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+        def _fips_expire(self):
+            self._fips_timer = None
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and not self.transport.is_closing():
+                self.transport.close()
 
-    def handle_error(self, request, client_address):
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, socket.timeout)):
-            return
-        super().handle_error(request, client_address)
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._fips_arm()
 
-    def server_close(self):
-        super().server_close()
-        self.pool.shutdown(wait=True)
+        def handle_events(self):
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._fips_disarm()  # a request is being served: the body and response have their own limits
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._fips_arm()
+
+        def connection_lost(self, exc):
+            self._fips_disarm()
+            super().connection_lost(exc)
+
+    return Protocol
 
 
-def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> PoolHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    return PoolHTTPServer((host, port), handler, app.config.workers)
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
 
 
-def serve(model: Model, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          *, on_ready: Callable[[PoolHTTPServer], Any] | None = None, install_signals: bool = True) -> None:
-    """Serve ``model`` until SIGINT/SIGTERM (or ``server.shutdown()``); in-flight requests complete."""
-    app = App(model, config)
-    server = make_server(app, host, port)
-    if install_signals:
-        def stop(signum, frame):
-            sys.stderr.write(f"[fips serve] {signal.Signals(signum).name}: shutting down\n")
-            threading.Thread(target=server.shutdown, daemon=True).start()
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+def _uvicorn_server(app, cfg: ServeConfig):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                sys.stderr.write(f"[fips serve] {signal.Signals(sig).name}: refusing new requests, finishing "
+                                 f"in-flight ones (at most {cfg.shutdown_timeout:g} s)\n")
+                app.state.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, http=_protocol_class(cfg.header_timeout), lifespan="on",
+                            log_level="info" if cfg.log else "warning", access_log=cfg.log,
+                            timeout_keep_alive=max(1, int(math.ceil(cfg.keep_alive_timeout))),
+                            timeout_graceful_shutdown=int(math.ceil(cfg.shutdown_timeout + 5)),
+                            limit_concurrency=cfg.max_connections, server_header=False)
+    return Server(config)
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
+          *, on_ready: Callable[[tuple], Any] | None = None, install_signals: bool = True) -> None:
+    """Serve ``model`` until SIGINT/SIGTERM; in-flight requests complete (see :class:`ServeConfig`).
+    ``on_ready(address)`` is called once the socket listens (``port=0`` picks a free port)."""
+    cfg = config or ServeConfig()
+    sock = _bind(host, port)
+    app = create_app(model, cfg)
+    server = _uvicorn_server(app, cfg)
     if on_ready is not None:
-        on_ready(server)
+        on_ready(sock.getsockname())
+    previous = {}
+    if install_signals and threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal it shut down for once it is done; a no-op handler makes that an exit 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: None)
     try:
-        server.serve_forever(poll_interval=0.2)
+        server.run(sockets=[sock])
     finally:
-        server.server_close()  # waits for in-flight requests
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        sock.close()
+        app.state.scheduler.close(5)
+
+
+def start_in_thread(model, config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+    """Serve in a background thread (tests, notebooks). Returns ``(base_url, app, stop)``; ``stop()`` shuts
+    the server down as SIGTERM would."""
+    cfg = config or ServeConfig()
+    app = create_app(model, cfg)
+    sock = _bind(host, port)
+    server = _uvicorn_server(app, cfg)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="fips-serve-http")
+    t.start()
+    deadline = time.time() + 30
+    while not server.started and t.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    h, p = sock.getsockname()[:2]
+    base = f"http://{'[' + h + ']' if ':' in h else h}:{p}"
+
+    def stop(timeout: float = 60.0):
+        app.state.begin_shutdown()
+        server.should_exit = True
+        t.join(timeout)
+        sock.close()
+        app.state.scheduler.close(5)
+    return base, app, stop
