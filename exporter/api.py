@@ -28,8 +28,6 @@ from .writer import AUTO_EXTERNAL_BYTES, data_file_name, write_export
 DTYPES = ("fp32", "fp16")
 MIN_OPSET = 17
 CONFIG_FILE = "fips_config.json"
-FORMAT = "fips-rt-onnx"
-FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------- input resolution
@@ -155,23 +153,27 @@ def _bytes_by_tag(proto: onnx.ModelProto, tags: dict[str, str]) -> dict[str, int
 
 
 def _config_json(proto, config, lm, out: Path, method: str, audit: dict, external: bool) -> dict:
-    """The ``fips_config.json`` record (schema in docs/export.md)."""
-    def io(values):
-        return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+    """The ``fips_config.json`` record, built as the typed contract (fips_rt.runtime.contract) the
+    runtime reads strictly; ``write_contract``-style round trip so a writer bug fails here, not there."""
+    from fips_rt.runtime.contract import ExportContract, SparseOpInfo, TensorSpec
 
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model_file": out.name, "external_data": data_file_name(out) if external else None,
-        "kind": config.kind, "family": config.family, "architecture": type(lm.model).__name__,
-        "model_type": getattr(getattr(lm.model, "config", None), "model_type", None),
-        "name": lm.name, "method": method, "dtype": config.dtype, "opset": config.opset,
-        "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
-        "sparse_op": {"domain": DOMAIN, "op_type": OP_TYPE, "version": DOMAIN_VERSION,
-                      "nodes": audit["sparse_nodes"], "bases": len(audit["bases"])},
-        **config.config_json(),
-        "exporter": _versions(),
-    }
+    def io(values):
+        return tuple(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                                tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
+                     for v in values)
+
+    contract = ExportContract(
+        model_file=out.name, external_data=data_file_name(out) if external else None,
+        kind=config.kind, family=config.family, architecture=type(lm.model).__name__,
+        model_type=getattr(getattr(lm.model, "config", None), "model_type", None),
+        name=str(lm.name), method=method, dtype=config.dtype, opset=int(config.opset),
+        inputs=io(proto.graph.input), outputs=io(proto.graph.output),
+        sparse_op=SparseOpInfo(domain=DOMAIN, op_type=OP_TYPE, version=DOMAIN_VERSION,
+                               nodes=int(audit["sparse_nodes"]), bases=len(audit["bases"])),
+        spec=config.contract_spec(), exporter=_versions())
+    record = json.loads(json.dumps(contract.to_json(), default=str))
+    ExportContract.from_json(record)  # the runtime's strict reader accepts what was written
+    return record
 
 
 def _validate(path: Path, config) -> list:
@@ -222,7 +224,9 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
     method = _method(lm.model)
     say(f"building the {cfg_cls.family} graph ({method}, {dtype}, opset {opset})")
     import torch
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as scratch, torch.no_grad():
+    from fips_rt.tempfiles import remove_stale_temporaries, temp_prefix
+    remove_stale_temporaries(out)  # scratch folders of killed earlier runs
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out)) as scratch, torch.no_grad():
         proto, tags = config.build(Path(scratch))
     t_build = time.time()
     audit = audit_graph(proto)
@@ -231,6 +235,8 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
     will_external = external_data if external_data is not None else init_bytes > AUTO_EXTERNAL_BYTES
     side = _config_json(proto, config, lm, out, method, audit, will_external)
     sidecars = _tokenizer_files(lm.tokenizer)
+    from .ecosystem import loader_files  # config.json, generation_config.json, genai_config.json (Optimum, genai)
+    sidecars.update(loader_files(lm.model, side, sidecars))
     sidecars[CONFIG_FILE] = (json.dumps(side, indent=2, default=str) + "\n").encode()
     previous = out.parent / CONFIG_FILE
     if previous.is_file():

@@ -58,8 +58,9 @@ class ExportConfig:
         build_fn(b, self.model, **kwargs)
         return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
 
-    def config_json(self) -> dict:
-        return {}
+    def contract_spec(self):
+        """This kind's record of the export contract (fips_rt.runtime.contract)."""
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------- decoders
@@ -156,10 +157,11 @@ class CausalLMConfig(ExportConfig):
                               position_ids=torch.from_numpy(pos2), past_key_values=ref.past_key_values, use_cache=True)
         return checks + self._compare_step("decode", names, outs2, ref2, mask2, atol, rtol)
 
-    def config_json(self):
+    def contract_spec(self):
+        from fips_rt.runtime.contract import CausalLMSpec
+
         from .decoder import layer_windows
         cfg = self.model.config
-        d = self._dims()
         tok = self.lm.tokenizer
         eos: list[int] = []
         for src in (getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
@@ -168,19 +170,18 @@ class CausalLMConfig(ExportConfig):
                 if e is not None and int(e) not in eos:
                     eos.append(int(e))
         windows = layer_windows(cfg)
-        return {
-            **d,
-            "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
-            "sliding_windows": windows if any(w is not None for w in windows) else None,
-            "eos_token_ids": eos,
-            "bos_token_id": getattr(tok, "bos_token_id", None) if tok is not None else getattr(cfg, "bos_token_id", None),
-            "pad_token_id": getattr(tok, "pad_token_id", None) if tok is not None else getattr(cfg, "pad_token_id", None),
-            "chat_template": bool(tok is not None and getattr(tok, "chat_template", None)),
-            "last_logits_only": self.last_logits_only,
-            "past_key_values": {"key": "past_key_values.{i}.key", "value": "past_key_values.{i}.value"},
-            "present": {"key": "present.{i}.key", "value": "present.{i}.value"},
-            "kv_cache_shape": ["batch_size", d["num_kv_heads"], "past_sequence_length", d["head_dim"]],
-        }
+
+        def opt_int(v):
+            return None if v is None else int(v)
+        return CausalLMSpec(
+            **{k: int(v) for k, v in self._dims().items()},
+            max_position_embeddings=opt_int(getattr(cfg, "max_position_embeddings", None)),
+            sliding_windows=tuple(opt_int(w) for w in windows) if any(w is not None for w in windows) else None,
+            eos_token_ids=tuple(eos),
+            bos_token_id=opt_int(tok.bos_token_id if tok is not None else getattr(cfg, "bos_token_id", None)),
+            pad_token_id=opt_int(tok.pad_token_id if tok is not None else getattr(cfg, "pad_token_id", None)),
+            chat_template=bool(tok is not None and getattr(tok, "chat_template", None)),
+            last_logits_only=bool(self.last_logits_only))
 
 
 class Gemma2Config(CausalLMConfig):
@@ -231,12 +232,13 @@ class BertConfig(ExportConfig):
         return [compare("forward", "last_hidden_state", h.numpy(), outs["last_hidden_state"], atol, rtol),
                 compare("forward", "sentence_embedding", pooled.numpy(), outs["sentence_embedding"], atol, rtol)]
 
-    def config_json(self):
+    def contract_spec(self):
+        from fips_rt.runtime.contract import EncoderSpec
         cfg = self.model.config
-        return {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-                "num_attention_heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
-                "max_position_embeddings": cfg.max_position_embeddings, "pooling": "mean",
-                "embedding_output": "sentence_embedding"}
+        return EncoderSpec(hidden_size=int(cfg.hidden_size), num_layers=int(cfg.num_hidden_layers),
+                           num_attention_heads=int(cfg.num_attention_heads), vocab_size=int(cfg.vocab_size),
+                           max_position_embeddings=int(cfg.max_position_embeddings), pooling="mean",
+                           embedding_output="sentence_embedding")
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -283,11 +285,13 @@ class TimmConfig(ExportConfig):
         got = session.run(None, {"pixel_values": x.numpy().astype(_np_float(self.dtype))})[0]
         return [compare("forward", "logits", ref, got, atol, rtol)]
 
-    def config_json(self):
+    def contract_spec(self):
+        from fips_rt.runtime.contract import VisionSpec
         pcfg = dict(getattr(self.model, "pretrained_cfg", {}) or {})
-        return {"image_size": self.image_size(), "num_classes": getattr(self.model, "num_classes", None),
-                "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()
-                                  if k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}}
+        classes = getattr(self.model, "num_classes", None)
+        return VisionSpec(image_size=tuple(self.image_size()), num_classes=int(classes) if classes else None,
+                          preprocessing={k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()
+                                         if k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")})
 
 
 class SwinConfig(TimmConfig):

@@ -19,14 +19,13 @@ from pathlib import Path
 from fips_rt.procmem import ProcessMemory
 
 
-def _feeds(session, config: dict, tokens: int):
+def _feeds(session, vocab: int, tokens: int):
     import numpy as np
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():
         name = inp.name
         if name in ("input_ids",):
-            vocab = int(config.get("vocab_size") or 1000)
             feeds[name] = rng.integers(0, vocab, (1, tokens)).astype(np.int64)
         elif name == "attention_mask":
             feeds[name] = np.ones((1, tokens), np.int64)
@@ -48,8 +47,10 @@ def _feeds(session, config: dict, tokens: int):
 def _child(path: str, tokens: int, threads: int, disable_prepacking: bool, runs: int) -> dict:
     import numpy as np  # noqa: F401  (imported before the baseline, like any runtime would)
     import onnxruntime as ort
-    cfg_file = Path(path).parent / "fips_config.json"
-    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    from fips_rt.runtime.contract import read_contract
+    contract = read_contract(Path(path).parent)
+    spec = contract.spec if contract is not None else None
+    vocab = int(getattr(spec, "vocab_size", 0) or 1000)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -64,7 +65,7 @@ def _child(path: str, tokens: int, threads: int, disable_prepacking: bool, runs:
     load_s = time.perf_counter() - t0
     rss_loaded = mem.rss()
     peak_loaded = max(mem.peak(), rss_before)
-    feeds = _feeds(session, config, tokens)
+    feeds = _feeds(session, vocab, tokens)
     run_s = []
     for _ in range(runs):
         t1 = time.perf_counter()

@@ -20,7 +20,19 @@ LAZY = {
     "export": "fips_rt.exporter.cli:export_command",
     "bench": "fips_rt.runtime.cli:bench_command",
     "serve": "fips_rt.runtime.cli:serve_command",
+    "generate": "fips_rt.runtime.cli:generate_command",
+    "chat": "fips_rt.runtime.cli:chat_command",
 }
+
+
+# what the `compress` extra brings; a command that needs one of them says how to install it
+COMPRESS_MODULES = ("torch", "transformers", "timm", "onnx", "scipy", "safetensors", "gguf", "accelerate", "tqdm")
+
+
+def _needs_compress(command: str | None, module: str | None) -> str:
+    what = f"'fips {command}'" if command else "this command"
+    return (f"{what} needs the compression side of fips-rt ({module} is not installed): "
+            f"pip install \"fips-rt[compress]\"")
 
 
 class LazyGroup(click.Group):
@@ -32,6 +44,10 @@ class LazyGroup(click.Group):
             mod, attr = LAZY[name].split(":")
             try:
                 return getattr(importlib.import_module(mod), attr)
+            except ModuleNotFoundError as e:
+                if (e.name or "").split(".")[0] in COMPRESS_MODULES:
+                    raise FipsError(_needs_compress(name, e.name)) from None
+                raise FipsError(f"'fips {name}' is unavailable: {e}") from None
             except (ImportError, AttributeError) as e:
                 raise FipsError(f"'fips {name}' is unavailable: {e}") from None
         return super().get_command(ctx, name)
@@ -50,6 +66,7 @@ def cli():
     Inspect:    fips info model.pt
     Export:     fips export model.pt -o model.onnx
     Run:        fips bench model.onnx --baseline dense.onnx ; fips serve model.onnx
+    Try:        fips generate model.onnx -p "Once upon a time" ; fips chat model.onnx
     """
 
 
@@ -140,10 +157,23 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--global-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="FiPS: distillation steps after local training (KL on logits / MSE on outputs).")
 @click.option("--global-lr", type=float, default=1e-4, show_default=True)
+@click.option("--global-batch", type=click.IntRange(min=0), default=None,
+              help="FiPS: calibration rows per distillation step (default 2; 0: a whole calibration batch).")
 @click.option("--delta-rank", type=click.IntRange(min=1), default=None, help="DeltaLLM: rank (default: from budget).")
 @click.option("--layout", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
 @click.option("--keep-first", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--keep-last", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--sequential/--teacher-forcing", default=None,
+              help="FiPS: fit each group on inputs from the groups compressed before it (targets stay dense).")
+@click.option("--refit", type=click.Choice(["none", "before", "after", "both"]), default=None,
+              help="FiPS: closed-form refits of V and U in the whitened space, before/after the local steps.")
+@click.option("--refit-rounds", type=click.IntRange(min=1), default=None, help="FiPS: V -> U alternations per refit.")
+@click.option("--refit-u/--no-refit-u", default=None, help="FiPS: also refit the shared U.")
+@click.option("--refit-ridge", type=click.FloatRange(min=0), default=None,
+              help="FiPS: refit ridge toward the current value (relative to the Hessian's mean diagonal).")
+@click.option("--refit-iters", type=click.IntRange(min=1), default=None, help="FiPS: CG iterations per refit solve.")
+@click.option("--refit-target", type=click.Choice(["output", "weight"]), default=None,
+              help="FiPS: down_proj refit target: the dense MLP output or the dense weight.")
 @click.option("--eval-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evaluate dense vs compressed on this many validation tokens at the end (0: skip).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -154,7 +184,8 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsity, init, pruning, nm, calib, images,
              calib_tokens, seq_len, steps, lr, batch_tokens, global_steps, global_lr, delta_rank, layout, keep_first,
-             keep_last, eval_tokens, device, checkpoint, out, resume, seed, quiet):
+             keep_last, global_batch, sequential, refit, refit_rounds, refit_u, refit_ridge, refit_iters, refit_target,
+             eval_tokens, device, checkpoint, out, resume, seed, quiet):
     """Compress MODEL and write a checkpoint.
 
     MODEL: a built-in name (smollm2-135m, minilm-l6), a local Hugging Face folder, a .gguf file, or
@@ -165,6 +196,10 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
         raise FipsError(f"--out must name a .pt file (got {out}).")
     if Path(model).exists() and out_p.resolve() == Path(model).resolve():
         raise FipsError("--out would overwrite the input model.")
+    from .data import OOD_DATA
+    if calib in OOD_DATA:
+        raise FipsError(f"--calib {calib}: that text is for evaluation only (out-of-domain check); "
+                        "calibrate on 'wiki' or a file.")
     if calib != "wiki" and not Path(calib).is_file():
         raise FipsError(f"Calibration file not found: {calib}")
     if calib != "wiki":
@@ -184,7 +219,11 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
         cfg = FipsConfig(mlp_budget=mlp_budget if (mlp_budget or model_budget) else 0.5, model_budget=model_budget,
                          group_size=group_size, groups=group_list, sparsity=sparsity, init=init, pruning=pruning,
                          nm=(n, m), steps=steps, lr=lr, batch_tokens=batch_tokens, global_steps=global_steps,
-                         global_lr=global_lr, seed=seed)
+                         global_lr=global_lr, seed=seed, **{k: v for k, v in dict(
+                             global_batch=global_batch, sequential=sequential, refit=refit,
+                             refit_rounds=refit_rounds, refit_u=refit_u,
+                             refit_ridge=refit_ridge, refit_iters=refit_iters, refit_target=refit_target).items()
+                             if v is not None})
     else:
         cfg = DeltaConfig(model_budget=model_budget if (mlp_budget or model_budget) else 0.88, mlp_budget=mlp_budget,
                           delta_rank=delta_rank, layout=layout, keep_first=keep_first, keep_last=keep_last,
@@ -195,7 +234,7 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
 
 def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, calib_tokens=16384, seq_len=512,
                  eval_tokens=0, eval_split="validation", device="auto", checkpoint=None, resume=False,
-                 progress=True) -> dict:
+                 progress=True, eval_ood: str | None = None) -> dict:
     """Load -> calibrate -> compress_ -> save -> table. Returns the summary dict."""
     import copy
     from .accounting import count_model
@@ -219,8 +258,11 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
     if eval_tokens:
         summary["eval"] = evaluate_pair(dense, lm.model, calib if calib != "wiki" else "wiki", eval_split, eval_tokens,
                                         seq_len, progress)
+        if eval_ood:  # a text of another domain, never seen in calibration
+            summary["eval_ood"] = dict(evaluate_pair(dense, lm.model, eval_ood, eval_split, eval_tokens, seq_len,
+                                                     progress), data=eval_ood)
     report = dict(rep.to_dict(), counts=counts, calibration={"data": calib, "tokens": calib_tokens, "seq_len": seq_len},
-                  eval=summary.get("eval"))
+                  eval=summary.get("eval"), eval_ood=summary.get("eval_ood"))
     save_checkpoint(out_p, lm, cfg.method, cfg.to_dict(), report)
     if state_dir.is_dir():
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -228,10 +270,11 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
     summary["checkpoint_bytes"] = out_p.stat().st_size
     rows = size_rows(counts)
     rows.append(["checkpoint file", "", f"{out_p.stat().st_size / 2**20:.1f} MiB", ""])
-    if summary.get("eval", {}).get("ppl") is not None:
-        e = summary["eval"]
-        rows.append([f"perplexity ({e['split']}, {e['tokens']:,} tokens)", f"{e['ppl_dense']:.2f}", f"{e['ppl']:.2f}",
-                     f"{e['ppl_ratio']:.3f}"])
+    for key, label in (("eval", calib if calib != "wiki" else "wiki"), ("eval_ood", eval_ood)):
+        e = summary.get(key) or {}
+        if e.get("ppl") is not None:
+            rows.append([f"perplexity {label} {e['split']} ({e['tokens']:,} tokens)", f"{e['ppl_dense']:.2f}",
+                         f"{e['ppl']:.2f}", f"{e['ppl_ratio']:.3f}"])
     click.echo(table(rows, ["", "dense", cfg.method, "ratio"]))
     click.echo(f"wrote {out_p} in {time.time() - t0:.0f} s")
     return summary
@@ -240,7 +283,8 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
 # ----------------------------------------------------------------------------- eval
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", default="wiki", show_default=True, help="'wiki' or a .txt/.jsonl file.")
+@click.option("--data", default="wiki", show_default=True,
+              help="'wiki', 'wordnet' (out-of-domain English: WordNet glosses shipped with timm) or a .txt/.jsonl file.")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True)
 @click.option("--eval-tokens", type=click.IntRange(min=32), default=16384, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=16), default=512, show_default=True)
@@ -250,11 +294,18 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
 def eval_(model, data, split, eval_tokens, seq_len, dense, no_dense, as_json):
     """Evaluate a model or a checkpoint: perplexity (LMs), embedding cosine (encoders), logit agreement (ViTs).
 
-    A checkpoint is compared with its dense model on the same windows."""
-    from . import evaluate as E
-    if data != "wiki":
+    A checkpoint is compared with its dense model on the same windows. An exported causal LM (an .onnx
+    file or its folder) is evaluated in onnxruntime, without torch, on exactly the windows a checkpoint
+    gets; --dense DENSE.onnx adds the dense export on the same windows and the ratio."""
+    from .data import OOD_DATA
+    if data != "wiki" and data not in OOD_DATA:
         from .data import read_text_file
         read_text_file(data)
+    if _is_onnx(model):
+        res = _eval_onnx(model, dense if not no_dense else None, data, split, eval_tokens, seq_len, not as_json)
+        _print_eval(res, as_json)
+        return
+    from . import evaluate as E
     lm, is_ckpt = _load_any(model)
     if is_ckpt and not no_dense:
         base = _dense_for(lm.extra["checkpoint_header"], dense)
@@ -266,11 +317,53 @@ def eval_(model, data, split, eval_tokens, seq_len, dense, no_dense, as_json):
     else:
         raise FipsError("Encoders and ViTs are evaluated against their dense model: pass a checkpoint.")
     res["model"] = model
+    _print_eval(res, as_json)
+
+
+def _print_eval(res: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
         from .report import table
         click.echo(table([[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in res.items()], ["metric", "value"]))
+
+
+def _is_onnx(path: str) -> bool:
+    p = Path(path)
+    return (p.is_file() and p.suffix == ".onnx") or (p.is_dir() and (p / "fips_config.json").is_file())
+
+
+def _eval_onnx(model: str, dense: str | None, data: str, split: str, tokens: int, seq_len: int,
+               progress: bool) -> dict:
+    """Perplexity of exported causal LMs in onnxruntime (torch is never imported)."""
+    from .runtime import Model
+    from .runtime.evaluate import lm_windows, perplexity
+
+    def run(path: str, label: str) -> dict:
+        m = Model.load(path)
+        if m.kind != "causal-lm":
+            raise FipsError(f"{path} is a {m.kind} model; fips eval computes the perplexity of causal LM exports "
+                            f"(for encoders and ViTs, evaluate their checkpoints).")
+        wins = lm_windows(m.tokenizer, data, split, tokens, seq_len)
+
+        def tick(k, n):
+            if progress:
+                click.echo(f"\r{label}: window {k}/{n}", nl=k == n, err=True)
+        r = perplexity(m, wins, progress=tick)
+        return dict(r, kernel=m.info.kernel)
+
+    res = {"split": split, "data": data}
+    r = run(model, "onnx")
+    res.update(ppl=r["ppl"], tokens=r["tokens"], seq_len=r["seq_len"], kernel=r["kernel"], seconds=r["seconds"])
+    if dense is not None:
+        if not _is_onnx(dense):
+            raise FipsError(f"--dense for an ONNX model must be the dense export (.onnx or its folder); got {dense}")
+        d = run(dense, "dense onnx")
+        if d["tokens"] != r["tokens"]:
+            raise FipsError("the two exports tokenize the text differently; their perplexities are not comparable")
+        res.update(ppl_dense=d["ppl"], ppl_ratio=r["ppl"] / d["ppl"], dense=dense)
+    res["model"] = model
+    return res
 
 
 # ----------------------------------------------------------------------------- info
@@ -303,24 +396,28 @@ def info(checkpoint, as_json, show_groups):
 
 
 # ----------------------------------------------------------------------------- demo
-DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.75, calib_tokens=16384, seq_len=512,
-            steps=80, lr=1e-3, eval_tokens=8192)
+DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.5315, calib_tokens=16384, seq_len=512,
+            steps=0, lr=1e-3, refit="after", eval_tokens=8192, eval_ood="wordnet")
+# sparsity 0.5315 at MLP budget 0.5 gives rank 576 = d for the groups of 4 (U square: no zero basis columns
+# at init) and 542 for the last group of 2; then closed-form refits of V and U in the whitened space
+# (FipsConfig's default 2 rounds) instead of AdamW steps. Measured choice: docs/quality.md, benchmarks/results/quality_ablation_cpu.md.
 
 
 @cli.command()
 @click.option("--out", "out", default="fips-demo/model.pt", show_default=True)
 @click.option("--steps", type=click.IntRange(min=0), default=DEMO["steps"], show_default=True,
-              help="Local steps per group.")
+              help="Local AdamW steps per group (after the init; the refit follows them).")
 @click.option("--eval-tokens", type=click.IntRange(min=512), default=DEMO["eval_tokens"], show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def demo(out, steps, eval_tokens, device):
-    """Compress the real SmolLM2-135M (MLP budget 0.5, groups of 4, V 75% sparse) on wiki text, then compare
-    dense vs FiPS perplexity on the held-out test articles (16 windows of 512 tokens)."""
+    """Compress the real SmolLM2-135M (MLP budget 0.5, groups of 4, rank 576, V 53% sparse, whitened init +
+    closed-form refits) on wiki-train text, then compare dense vs FiPS perplexity on the held-out wiki test articles and on out-of-domain
+    English (WordNet glosses shipped with timm, test half), 16 windows of 512 tokens each."""
     from .config import FipsConfig
     cfg = FipsConfig(mlp_budget=DEMO["mlp_budget"], group_size=DEMO["group_size"], sparsity=DEMO["sparsity"],
-                     steps=steps, lr=DEMO["lr"])
+                     steps=steps, lr=DEMO["lr"], refit=DEMO["refit"])
     summary = run_compress(DEMO["model"], cfg, Path(out), calib_tokens=DEMO["calib_tokens"], seq_len=DEMO["seq_len"],
-                           eval_tokens=eval_tokens, eval_split="test", device=device)
+                           eval_tokens=eval_tokens, eval_split="test", device=device, eval_ood=DEMO["eval_ood"])
     summary_path = Path(out).with_suffix(".json")
     summary_path.write_text(json.dumps(summary, indent=2))
     click.echo(f"summary: {summary_path}")
@@ -344,7 +441,17 @@ def _run(command, args=None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # a torch-free install running a compression command
+        if (e.name or "").split(".")[0] not in COMPRESS_MODULES:
+            raise
+        click.echo(f"error: {_needs_compress(_command_name(args), e.name)}", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _command_name(args) -> str | None:
+    argv = sys.argv[1:] if args is None else list(args)
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main() -> None:

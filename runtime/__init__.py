@@ -5,10 +5,14 @@
 # The function forms generate()/embed()/classify() live in fips_rt.runtime.generate (a package-level
 # ``generate`` would be shadowed by the submodule of the same name).
 _RUNTIME_LAZY = {
-    "Model": "fips_rt.runtime.generate",
-    "Tokenizer": "fips_rt.runtime.generate",
-    "GenerationResult": "fips_rt.runtime.generate",
-    "GenerationChunk": "fips_rt.runtime.generate",
+    "Model": "fips_rt.runtime.model",
+    "CausalLM": "fips_rt.runtime.model",
+    "Encoder": "fips_rt.runtime.model",
+    "ImageClassifier": "fips_rt.runtime.model",
+    "Tokenizer": "fips_rt.runtime.tokenizer",
+    "GenerationResult": "fips_rt.runtime.streaming",
+    "GenerationChunk": "fips_rt.runtime.streaming",
+    "ExportContract": "fips_rt.runtime.contract",
     "FipsRuntimeError": "fips_rt.runtime.session",
     "load": "fips_rt.runtime.generate",
     "create_session": "fips_rt.runtime.session",

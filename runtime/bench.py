@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fips_rt.errors import FipsError
 from fips_rt.procmem import ProcessMemory
 
 SCHEMA = "fips-rt/bench/1"
@@ -88,6 +89,8 @@ class ModelBench:
     file_bytes: int | None = None
     file_mb: float | None = None
     kernel: str | None = None               # kernel path taken: native / reference
+    kernel_isa: str | None = None           # native: the level it runs (portable / avx2 / avx512)
+    kernel_build: str | None = None         # native: "prebuilt" (shipped) or "compiled" (here)
     provider: str | None = None
     threads: int | None = None
     spinning: bool | None = None
@@ -278,6 +281,10 @@ def run_worker(spec: dict) -> dict:
         res.rss_trace_mb["load"] = res.rss_after_load_mb - res.rss_before_mb
         res.kind, res.kernel, res.provider = model.kind, model.info.kernel, model.info.provider
         res.threads, res.spinning = model.info.threads, model.info.spinning
+        if res.kernel == "native":  # the library's level and origin (native.kernel_info, after registering)
+            from . import native
+            ki = native.kernel_info()
+            res.kernel_isa, res.kernel_build = ki["isa"], ki["build"]
         rng = np.random.default_rng(spec.get("seed", 0))
         warmup, reps = int(spec["warmup"]), int(spec["repetitions"])
 
@@ -291,7 +298,7 @@ def run_worker(spec: dict) -> dict:
                 out.append((time.perf_counter() - t) * 1000.0)
             return out
 
-        if model.kind == "causal_lm":
+        if model.kind == "causal-lm":
             vocab = model.vocab_size or 1000
             ctx = model.max_positions
             low = min(10, vocab - 1)  # avoid the first (often special) ids
@@ -360,7 +367,10 @@ def run_worker(spec: dict) -> dict:
         res.model_peak_rss_mb = res.peak_rss_mb - res.rss_before_mb
         res.torch_imported = "torch" in sys.modules
         res.ok = True
-    except Exception as e:  # reported to the parent, which exits non-zero
+    except FipsError as e:  # the user's mistake (a bad file, a bad option): one line, reported by the parent
+        res.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        res.ok = False
+    except Exception as e:  # a bug: keep the traceback for the report
         import traceback
         res.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
         res.ok = False
@@ -548,7 +558,10 @@ def to_markdown(r: BenchResult) -> str:
             vals += [fb, _f(r.ratios.get(ratio_key), "{:.3f}x") if ratio_key else ""]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
 
-    row("kernel path", c.kernel or "–", (b.kernel or "–") if b else None)
+    def kernel(mb):
+        return (mb.kernel or "–") + (f" ({mb.kernel_isa}, {mb.kernel_build})" if mb.kernel_isa else "")
+
+    row("kernel path", kernel(c), kernel(b) if b else None)
     row("file size (MiB)", _f(c.file_mb), _f(b.file_mb) if b else None, "file_bytes")
     row("load time (s)", _f(c.load_s, "{:.3f}"), _f(b.load_s, "{:.3f}") if b else None, "load_s")
     row("model RSS after load (MiB)", _f(c.model_rss_after_load_mb, "{:.1f}"),

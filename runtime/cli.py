@@ -95,6 +95,8 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
 @click.option("--threads", "-t", default=None, type=click.IntRange(1, 4096), help="intra-op threads.")
 @click.option("--kernel", type=KERNEL_CHOICE, default="auto", show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--spinning", type=click.Choice(["off", "on", "auto"]), default="auto", show_default=True,
+              help="onnxruntime intra-op thread spinning (auto: the runtime's default, on).")
 @click.option("--name", default=None, help="Model id reported by /v1/models (default: from fips_config.json "
                                            "or the folder name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1024, 1 << 30))
@@ -102,33 +104,51 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
               help="Longest accepted prompt (default: the model's context - 1).")
 @click.option("--max-tokens-limit", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Largest accepted max_tokens.")
-@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Requests running in the model at once (the rest wait).")
-@click.option("--workers", default=32, show_default=True, type=click.IntRange(1, 1024),
-              help="Connection-handling threads.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Sequences decoded together in one session call (continuous batching).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 1 << 20),
+              help="Sequences waiting for a batch slot; beyond it requests get 503 with Retry-After.")
+@click.option("--kv-cache-mib", default=2048.0, show_default=True, type=click.FloatRange(0, 1 << 30),
+              help="Bound of the batch's KV cache (rows x the widest row's prompt + max_tokens); 0: none.")
 @click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
-              help="Prompts longer than this run in chunks through the KV cache (0: never chunk).")
+              help="Prompt tokens per scheduler step; longer prompts run in chunks between decode steps "
+                   "(0: whole prompts).")
+@click.option("--body-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds for a request body to arrive (then 408).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds for a request's headers to arrive (then the connection is closed).")
+@click.option("--keep-alive", "keep_alive", default=5.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--shutdown-timeout", default=25.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="SIGTERM/SIGINT: seconds in-flight requests may still run; then they end with an error event.")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Open connections (and tasks) beyond which uvicorn answers 503.")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve_command(model, host, port, threads, kernel, provider, name, max_body_bytes, max_prompt_tokens,
-                  max_tokens_limit, concurrency, workers, prefill_chunk, quiet):
+def serve_command(model, host, port, threads, kernel, provider, spinning, name, max_body_bytes, max_prompt_tokens,
+                  max_tokens_limit, max_batch, max_queue, kv_cache_mib, prefill_chunk, body_timeout, header_timeout,
+                  keep_alive, shutdown_timeout, max_connections, quiet):
     """Serve MODEL over an OpenAI-style HTTP API (/v1/completions, /v1/chat/completions, /v1/embeddings,
-    /v1/models, /health) until SIGINT/SIGTERM."""
+    /v1/models, /health, /metrics, /openapi.json) until SIGINT/SIGTERM. Concurrent generation requests are
+    decoded together (continuous batching, up to --max-batch sequences per step)."""
     from .generate import FipsRuntimeError, Model
     from .serve import ServeConfig, serve
 
     try:
         m = Model.load(model, threads=threads, kernel=kernel, provider=provider, name=name,
-                       prefill_chunk=prefill_chunk or None)
+                       spinning={"on": True, "off": False}.get(spinning), prefill_chunk=prefill_chunk or None)
     except FipsRuntimeError as e:
         raise click.ClickException(str(e))
     cfg = ServeConfig(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
-                      max_tokens_limit=max_tokens_limit, concurrency=concurrency, workers=workers, log=not quiet)
+                      max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_queue=max_queue,
+                      kv_cache_mib=kv_cache_mib or None, prefill_chunk=prefill_chunk or None,
+                      body_timeout=body_timeout, header_timeout=header_timeout, keep_alive_timeout=keep_alive,
+                      shutdown_timeout=shutdown_timeout, max_connections=max_connections, log=not quiet)
 
-    def ready(server):
-        h, p = server.server_address[:2]
+    def ready(address):
+        h, p = address[:2]
         shown = f"[{h}]" if ":" in h else h
         click.echo(f"fips serve: {m.name} ({m.kind}, kernel {m.info.kernel}, {m.info.provider}, "
-                   f"{m.info.threads} threads) listening on http://{shown}:{p}", err=False)
+                   f"{m.info.threads} threads, batch <= {max_batch}) listening on http://{shown}:{p}", err=False)
         sys.stdout.flush()
 
     try:
@@ -140,6 +160,118 @@ def serve_command(model, host, port, threads, kernel, provider, name, max_body_b
     click.echo("fips serve: stopped", err=True)
 
 
+def _sampling_options(f):
+    """The options of ``fips generate`` and ``fips chat`` (the server's request fields, as flags)."""
+    opts = [
+        click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(0, 1 << 20),
+                     help="Most tokens to generate."),
+        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0, 100.0),
+                     help="0: greedy (deterministic); > 0: sampling."),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(0, 1 << 20),
+                     help="Sample from the k most likely tokens (0: all)."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+                     help="Nucleus sampling: the smallest set of tokens whose probability reaches p."),
+        click.option("--seed", default=None, type=int, help="Seed of the sampler (same seed, same text)."),
+        click.option("--stop", multiple=True, help="Stop at this string (repeatable; not included in the output)."),
+        click.option("--threads", "-t", default=None, type=click.IntRange(1, 4096), help="intra-op threads."),
+        click.option("--kernel", type=KERNEL_CHOICE, default="auto", show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _load_lm(model, threads, kernel):
+    from .model import Model
+    from .session import FipsRuntimeError
+    try:
+        m = Model.load(model, threads=threads, kernel=kernel)
+    except FipsRuntimeError as e:
+        raise click.ClickException(str(e))
+    if m.kind != "causal-lm":
+        raise click.ClickException(f"{model} is a {m.kind} model; fips generate and fips chat need a causal LM export")
+    return m
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--prompt", "-p", required=True, help="The prompt ('-': read it from standard input).")
+@_sampling_options
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (text, tokens, timings).")
+def generate_command(model, prompt, max_tokens, temperature, top_k, top_p, seed, stop, threads, kernel, ignore_eos,
+                     as_json):
+    """Complete a prompt with an exported causal LM (.onnx file or folder), streaming the text to stdout."""
+    import json
+
+    from .session import FipsRuntimeError
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m = _load_lm(model, threads, kernel)
+    opts = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                stop=list(stop), ignore_eos=ignore_eos)
+    try:
+        if as_json:
+            r = m.generate(prompt, **opts)
+            click.echo(json.dumps(dict(r.to_dict(), model=m.name, kernel=m.info.kernel), indent=2))
+            return
+        for chunk in m.stream(prompt, **opts):
+            click.echo(chunk.text, nl=False)
+            sys.stdout.flush()
+        click.echo()
+    except FipsRuntimeError as e:
+        raise click.ClickException(str(e))
+
+
+@click.command("chat")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--system", default=None, help="A system message put before the conversation.")
+@_sampling_options
+def chat_command(model, system, max_tokens, temperature, top_k, top_p, seed, stop, threads, kernel):
+    """Chat with an exported causal LM from the terminal, through its chat template.
+
+    Each line read from standard input is a user turn; the reply streams back. '/reset' starts a new
+    conversation, '/exit' (or end of input, Ctrl-D) leaves."""
+    from .session import FipsRuntimeError
+    m = _load_lm(model, threads, kernel)
+    if not m.tokenizer.chat_template:
+        raise click.ClickException(f"{m.name} has no chat template; use 'fips generate' for plain completions")
+    interactive = sys.stdin.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    if interactive:
+        click.echo(f"fips chat: {m.name} ({m.info.kernel} kernel). /reset: new conversation, /exit or Ctrl-D: quit.",
+                   err=True)
+    while True:
+        if interactive:
+            click.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        parts = []
+        try:
+            for chunk in m.chat_stream(messages, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, stop=list(stop)):
+                parts.append(chunk.text)
+                click.echo(chunk.text, nl=False)
+                sys.stdout.flush()
+        except FipsRuntimeError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            click.echo(f"\nerror: {e}", err=True)
+            continue
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(parts)})
+
+
 @click.group()
 def main():
     """fips-rt runtime commands (torch-free)."""
@@ -147,6 +279,8 @@ def main():
 
 main.add_command(bench_command)
 main.add_command(serve_command)
+main.add_command(generate_command)
+main.add_command(chat_command)
 
 if __name__ == "__main__":
     main()

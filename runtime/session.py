@@ -206,6 +206,8 @@ def register_kernel(so: "ort.SessionOptions", kernel: str) -> str:
         return "reference"
     try:
         taken = native.register(so, kernel=kernel)
+    except FipsRuntimeError:  # e.g. FIPS_SPARSE_ISA names a level this CPU lacks: never a silent fallback
+        raise
     except Exception as e:
         if kernel == "native":
             raise FipsRuntimeError(f"could not register the native fips.SparseMatMul kernel: {e}") from e

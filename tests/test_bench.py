@@ -35,7 +35,7 @@ def test_stats():
 
 
 def _fake_model_bench(role, scale):
-    return ModelBench(role=role, path=f"/x/{role}.onnx", ok=True, kind="causal_lm", file_bytes=int(100e6 * scale),
+    return ModelBench(role=role, path=f"/x/{role}.onnx", ok=True, kind="causal-lm", file_bytes=int(100e6 * scale),
                       file_mb=100 * scale, kernel="native", provider="cpu", threads=2, spinning=False, load_s=0.5,
                       rss_before_mb=50.0, rss_after_load_mb=50 + 100 * scale, rss_after_run_mb=60 + 100 * scale,
                       peak_rss_mb=70 + 100 * scale, peak_method="VmHWM", model_rss_after_load_mb=100 * scale,
@@ -137,7 +137,7 @@ def test_bench_dense_vs_fips(tmp_path):
     assert isinstance(data["ratios"]["peak_rss_mb"], float)
     for role in ("compressed", "baseline"):
         m = data[role]
-        assert m["ok"] and m["kind"] == "causal_lm"
+        assert m["ok"] and m["kind"] == "causal-lm"
         assert set(m["prefill"]) == {"1", "16"}
         assert m["rounds"] == 2 and len(m["loadavg"]) == 2
         assert len(m["prefill"]["16"]["samples_ms"]) == 2 * 2

@@ -5,7 +5,11 @@ on the unpacked dense V (float64).
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from fips_rt.runtime import native  # noqa: E402
+from fips_rt.runtime import kernel_build, native  # noqa: E402
 
 TOL = 1e-4
 
@@ -218,30 +222,111 @@ def test_deterministic_across_runs_and_thread_counts(trans_b, tokens):
         assert np.array_equal(o, outs[0])
 
 
-@pytest.mark.parametrize("env", [{"FIPS_SPARSE_FORCE_SCALAR": "1"}, {"FIPS_SPARSE_ISA": "avx2"},
-                                 {"FIPS_SPARSE_EXPAND": "register"}], ids=["scalar", "avx2", "avx512-register-expand"])
-def test_other_isa_paths_match(env):
-    """The portable scalar loops, the AVX2 kernels on a machine with AVX-512, and the AVX-512 kernels'
-    register-expand form (the one AMD CPUs get), each forced in a fresh process (the library reads
-    these variables once)."""
-    script = textwrap.dedent(
-        """
-        import numpy as np, sys
-        sys.path.insert(0, {tests!r})
-        import test_native_kernel as t
-        worst = 0.0
-        for trans_b in (0, 1):
-            for rows, cols, lead in [(1024, 1536, (1, 1)), (1024, 1536, (1, 40)), (37, 45, (2, 3)), (50, 301, (7,)),
-                                     (64, 264, (3,)), (96, 520, (1, 4))]:
-                y, ref = t.run_native(rows, cols, trans_b, (*lead, cols if trans_b else rows))
-                worst = max(worst, float(np.abs(y - ref).max()))
-        print(worst)
-        """
-    ).format(tests=os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, **env),
-                         timeout=600)
+def _cpu_levels() -> list[str]:
+    """The kernel levels this CPU can run (from /proc/cpuinfo; what the library's dispatcher checks)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    levels = ["portable"]
+    if {"avx2", "fma", "popcnt"} <= flags:
+        levels.append("avx2")
+        if "avx512f" in flags:
+            levels.append("avx512")
+    return levels
+
+
+_LEVEL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_native_kernel as t
+    from fips_rt.runtime import native
+    worst = 0.0
+    for trans_b in (0, 1):
+        for rows, cols, lead in [(1024, 1536, (1, 1)), (1024, 1536, (1, 40)), (37, 45, (2, 3)), (50, 301, (7,)),
+                                 (64, 264, (3,)), (96, 520, (1, 4)), (256, 520, (17,)), (1024, 1536, (2, 8))]:
+            y, ref = t.run_native(rows, cols, trans_b, (*lead, cols if trans_b else rows))
+            worst = max(worst, float(np.abs(y - ref).max()))
+    print(json.dumps({{"worst": worst, **native.kernel_info()}}))
+    """
+).format(tests=os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("env,level", [
+    ({"FIPS_SPARSE_ISA": "portable"}, "portable"),
+    ({"FIPS_SPARSE_FORCE_SCALAR": "1"}, "portable"),
+    ({"FIPS_SPARSE_ISA": "avx2"}, "avx2"),
+    ({"FIPS_SPARSE_ISA": "avx512"}, "avx512"),
+    ({"FIPS_SPARSE_ISA": "avx512", "FIPS_SPARSE_EXPAND": "register"}, "avx512"),
+    ({"FIPS_SPARSE_ISA": "auto"}, None),
+], ids=["portable", "force-scalar", "avx2", "avx512", "avx512-register-expand", "auto"])
+def test_each_kernel_level_matches_the_reference(env, level):
+    """Every level this CPU can run, forced through the environment in a fresh process (the library
+    chooses once), gives the reference result within 1e-4 and reports the level it runs; "auto" picks
+    the best one. The AVX-512 kernels' register-expand form is the one AMD CPUs get."""
+    levels = _cpu_levels()
+    if level is not None and level not in levels:
+        pytest.skip(f"this CPU cannot run the {level} kernel level (it has: {', '.join(levels)})")
+    res = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], capture_output=True, text=True,
+                         env=dict(os.environ, **env), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert float(res.stdout.strip().splitlines()[-1]) <= TOL
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["isa"] == (level or levels[-1])
+    assert out["worst"] <= TOL
+
+
+_LACKS_SCRIPT = textwrap.dedent(
+    """
+    import onnxruntime as ort
+    from fips_rt.runtime import native, session
+    from fips_rt.runtime.session import FipsRuntimeError
+    lib = native.library_path()
+    try:  # onnxruntime's own error: the library refuses to register
+        ort.SessionOptions().register_custom_ops_library(str(lib))
+        print("ORT: registered")
+    except Exception as e:
+        print("ORT:", str(e).replace("\\n", " | "))
+    for call in (lambda: native.register(ort.SessionOptions(), "auto"),
+                 lambda: session.register_kernel(ort.SessionOptions(), "auto")):
+        try:
+            call()
+            print("PY: registered")
+        except FipsRuntimeError as e:
+            print("PY:", str(e).replace("\\n", " | "))
+    """
+)
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"FIPS_SPARSE_ISA": "avx512", "FIPS_SPARSE_TEST_CPU_LACKS": "avx512f"},
+     ("FIPS_SPARSE_ISA=avx512 needs ", "avx512f", ", which this CPU lacks (levels it can run: portable")),
+    ({"FIPS_SPARSE_ISA": "avx2", "FIPS_SPARSE_TEST_CPU_LACKS": "fma,avx512f"},
+     ("FIPS_SPARSE_ISA=avx2 needs ", "fma", ", which this CPU lacks (levels it can run: portable)")),
+    ({"FIPS_SPARSE_ISA": "sse9"}, ("FIPS_SPARSE_ISA=sse9 is not one of auto, portable, avx2, avx512",)),
+], ids=["avx512-missing", "fma-missing", "unknown-level"])
+def test_a_level_the_cpu_lacks_is_a_one_line_error(env, says):
+    """A forced level the CPU lacks (simulated with the test-only FIPS_SPARSE_TEST_CPU_LACKS where the
+    CPU has it): an onnxruntime error status at registration, and a one-line FipsRuntimeError from
+    native.register and from the session layer even with kernel="auto" (never a silent fallback)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") and env["FIPS_SPARSE_ISA"] != "sse9":
+        says = ("this build of the kernel library has only the levels portable",)  # no x86 levels built
+    res = subprocess.run([sys.executable, "-c", _LACKS_SCRIPT], capture_output=True, text=True,
+                         env=dict(os.environ, **env), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 3, res.stdout
+    assert lines[0].startswith("ORT:") and "fips_sparse: kernel level: FIPS_SPARSE_ISA=" in lines[0], lines[0]
+    assert lines[1].startswith("PY: native sparse kernel: FIPS_SPARSE_ISA="), lines[1]
+    assert lines[2] == lines[1]  # the session layer passes it on as it is
+    for line in lines:
+        assert all(part in line for part in says) and " | " not in line, line
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,6 +413,7 @@ def _hide_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FIPS_RT_PREBUILT", "0")  # the compile-on-first-use path, even where a prebuilt library is
     monkeypatch.delenv("FIPS_RT_NO_NATIVE", raising=False)
 
 
@@ -362,6 +448,7 @@ def test_register_modes_without_compiler(monkeypatch, tmp_path):
 def test_build_into_fresh_cache(monkeypatch, tmp_path):
     """A fresh cache directory gets <ort version>-<hash>/libfips_sparse.so, reused afterwards."""
     monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path))
+    monkeypatch.setenv("FIPS_RT_PREBUILT", "0")
     monkeypatch.delenv("FIPS_RT_NO_NATIVE", raising=False)
     path = native.library_path()
     assert path is not None and path.name == native.LIBRARY_NAME
@@ -384,6 +471,130 @@ def test_compile_error_warns(monkeypatch, tmp_path):
     cxx.chmod(0o755)
     monkeypatch.setenv("CXX", str(cxx))
     monkeypatch.setenv("FIPS_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FIPS_RT_PREBUILT", "0")
     monkeypatch.delenv("FIPS_RT_NO_NATIVE", raising=False)
     with pytest.warns(RuntimeWarning, match="compilation failed"):
         assert native.library_path() is None
+
+
+# ---------------------------------------------------------------------------------------
+# the prebuilt library and the build plan (runtime/kernel_build.py)
+# ---------------------------------------------------------------------------------------
+def _as_prebuilt(monkeypatch, tmp_path, lib, sources_id=None):
+    """Put a copy of `lib` where the package's prebuilt library goes (optionally with another
+    embedded sources id), and hide the compiler: what an installed wheel sees."""
+    data = lib.read_bytes()
+    if sources_id is not None:
+        old = kernel_build.read_sources_id(lib).encode()
+        assert len(sources_id) == len(old)
+        data = data.replace(kernel_build.SOURCES_ID_PREFIX + old, kernel_build.SOURCES_ID_PREFIX + sources_id.encode())
+    pre = tmp_path / "pkg" / native.LIBRARY_NAME
+    pre.parent.mkdir()
+    pre.write_bytes(data)
+    monkeypatch.setattr(native, "PREBUILT_PATH", pre)
+    _hide_compiler(monkeypatch, tmp_path)
+    monkeypatch.delenv("FIPS_RT_PREBUILT")
+    monkeypatch.delenv("FIPS_RT_CXXFLAGS", raising=False)
+    return pre
+
+
+def test_prebuilt_library_is_used_without_a_compiler(monkeypatch, tmp_path, built_library):
+    pre = _as_prebuilt(monkeypatch, tmp_path, built_library)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library_path() == pre and native.library_path(build=False) == pre
+    rows, cols = 50, 301
+    dense, values, packed = random_sparse(rows, cols)
+    sess = session(make_model(rows, cols, 1, values, packed, a_rank=2))
+    a = np.random.default_rng(2).standard_normal((5, cols)).astype(np.float32)
+    assert np.abs(sess.run(None, {"A": a})[0] - expected(a, dense, 1)).max() <= TOL
+    info = native.kernel_info()
+    assert info["path"] == str(pre) and info["build"] == "prebuilt" and info["isa"] in info["levels"]
+    monkeypatch.setenv("FIPS_RT_PREBUILT", "0")  # refused on request: then a compiler is needed
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert native.library_path() is None
+
+
+def test_prebuilt_library_from_other_sources_is_not_used(monkeypatch, tmp_path, built_library):
+    """A source checkout whose in-place library predates an edit of the sources: not loaded (it
+    would run old code); the runtime compiles instead, or says why it cannot."""
+    _as_prebuilt(monkeypatch, tmp_path, built_library, sources_id="0" * 64)
+    with pytest.warns(RuntimeWarning, match="built from other sources"):
+        assert native.library_path() is None
+
+
+def test_library_embeds_its_sources_hash(built_library):
+    assert kernel_build.read_sources_id(built_library) == kernel_build.sources_hash(native.SOURCES_DIR)
+
+
+def test_no_march_native_and_one_object_per_level():
+    units = kernel_build.compile_units(native.SOURCES_DIR, "x86_64-linux-gnu")
+    levels = [u for u in units if u[0] == "sparse_kernels.cc"]
+    assert [u[1] for u in levels] == ["sparse_kernels.portable.o", "sparse_kernels.avx2.o", "sparse_kernels.avx512.o"]
+    assert not any(f.startswith("-m") for f in levels[0][2])  # portable: the target's baseline
+    assert {"-mavx2", "-mfma"} <= set(levels[1][2]) and "-mavx512f" not in levels[1][2]
+    assert {"-mavx512f", "-mavx2", "-mfma"} <= set(levels[2][2])
+    assert units.index(levels[0]) > max(units.index(u) for u in units if u[0] != "sparse_kernels.cc")
+    for _, _, flags in units:
+        assert not any("march" in f or "mtune" in f for f in flags)
+    assert [u[1] for u in kernel_build.compile_units(native.SOURCES_DIR, "aarch64-linux-gnu")
+            if u[0] == "sparse_kernels.cc"] == ["sparse_kernels.portable.o"]
+
+
+# x86 instructions beyond the x86-64 baseline (VEX/EVEX-encoded ones all start with "v")
+_NON_BASELINE = re.compile(r"^(v[a-z0-9]+|popcnt|lzcnt|tzcnt|andn|shlx|shrx|sarx|bzhi|pdep|pext|rorx|kmov[bwdq])$")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 kernel levels")
+def test_only_the_level_namespaces_hold_simd_code(built_library):
+    """Everything that can run before the level is chosen -- registration, validation, the tables,
+    the dispatcher, and any C++-library function the objects share -- must be baseline x86-64 code:
+    AVX instructions may appear only in fips::avx2 / fips::avx512 (checked on the disassembly)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is needed to read the library's code")
+    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(built_library)], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    func, bad, in_levels = None, {}, 0
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            func = m.group(1)
+            continue
+        parts = line.split("\t")
+        if func is None or len(parts) < 2 or not parts[1].split():
+            continue
+        simd = _NON_BASELINE.match(parts[1].split()[0]) or re.search(r"%[yz]mm|%k[0-7]", line)
+        if not simd:
+            continue
+        if "fips::avx2::" in func or "fips::avx512::" in func:
+            in_levels += 1
+        else:
+            bad[func] = bad.get(func, 0) + 1
+    assert not bad, f"non-baseline instructions outside the level namespaces: {bad}"
+    assert in_levels > 1000  # the check sees the levels' code
+
+
+def test_portable_level_cross_builds_for_aarch64(tmp_path):
+    """The portable level + the dispatcher (+ registration and tables) build for aarch64 with Debian's
+    cross compiler (g++-aarch64-linux-gnu, installed by .ci/run). A build check: nothing runs it."""
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        if os.environ.get("FIPS_RT_REQUIRE_CROSS", "").strip() not in ("", "0"):
+            pytest.fail("FIPS_RT_REQUIRE_CROSS is set but aarch64-linux-gnu-g++ is not on PATH")
+        pytest.skip("no aarch64 cross compiler (Debian: apt-get install g++-aarch64-linux-gnu; .ci/run does)")
+    machine = kernel_build.target_machine([cxx])
+    assert machine.startswith("aarch64")
+    lib = kernel_build.build([cxx], native.SOURCES_DIR, tmp_path / native.LIBRARY_NAME, machine=machine)
+    data = lib.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF64
+    assert int.from_bytes(data[18:20], "little") == 183  # e_machine: EM_AARCH64
+    assert kernel_build.read_sources_id(lib) == kernel_build.sources_hash(native.SOURCES_DIR)
+    nm = shutil.which("aarch64-linux-gnu-nm") or shutil.which("nm")
+    if nm:
+        syms = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True, text=True,
+                              timeout=60).stdout
+        for name in ("RegisterCustomOps", "FipsSparseKernelIsa", "FipsSparseKernelLevels"):
+            assert re.search(rf"\bT {name}$", syms, re.M), (name, syms)
+        assert "avx" not in subprocess.run([nm, "-C", str(lib)], capture_output=True, text=True,
+                                           timeout=60).stdout

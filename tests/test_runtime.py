@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fips_rt.runtime.generate import ChatTemplate, Tokenizer, _TextStream, find_value, sample_next_token
+from fips_rt.runtime.generate import ChatTemplate, Tokenizer, _TextStream, sample_next_token
 from fips_rt.runtime.session import FipsRuntimeError, external_data_files, model_file_bytes, resolve_model_path
 
 from test_runtime_helpers import smollm2_tokenizer_dir
@@ -107,13 +107,13 @@ def test_tokenizer_files(tok):
 
 
 def test_tokenizer_reads_configs_defensively(tmp_path, tok):
-    # tokenizer.json only + odd configs: no crash, eos from fips_config
+    # tokenizer.json only + odd configs: no crash, eos ids given by the export contract
     (tmp_path / "tokenizer.json").write_bytes((smollm2_tokenizer_dir() / "tokenizer.json").read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "eos_token": {"content": "<|endoftext|>", "special": True}, "model_max_length": 1e30,
         "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ messages[0]['content'] }}!"}]}))
     (tmp_path / "special_tokens_map.json").write_text("not json")
-    t = Tokenizer(tmp_path, fips_config={"model": {"eos_token_id": [2, 7]}})
+    t = Tokenizer(tmp_path, eos_token_ids=(2, 7))
     assert t.eos_token == "<|endoftext|>"
     assert {2, 7, t.token_to_id("<|endoftext|>")} <= set(t.eos_token_ids)
     assert t.model_max_length is None
@@ -220,12 +220,21 @@ def test_text_stream_keeps_leading_space_with_prompt_context(tok):
 
 
 # ----------------------------------------------------------------------------- helpers
-def test_find_value_searches_nested_configs():
-    cfg = {"a": 1, "model": {"config": {"max_position_embeddings": 256, "eos_token_id": 2}}, "eos_token_id": None}
-    assert find_value(cfg, "max_position_embeddings") == 256
-    assert find_value(cfg, "eos_token_id") == 2
-    assert find_value(cfg, "missing", default="d") == "d"
-    assert find_value("not a dict", "x") is None
+def test_text_stream_work_per_token_does_not_grow_with_position(tok):
+    # 2,000 streamed tokens: what each push looks at stays bounded (the old stream re-decoded the whole
+    # output at every token, so its work grew linearly with the position)
+    words = ("alpha", "beta", "Zürich", "東京", "🙂", "gamma", "delta,", "epsilon.")
+    ids = tok.encode(" ".join(words[i % len(words)] for i in range(1200)))[:2000]
+    assert len(ids) == 2000
+    s = _TextStream(tok, tok.encode("Once"), ["STOPWORD", "\n\nUser:"])
+    work, parts = [], []
+    for i in ids:
+        parts.append(s.push(i))
+        work.append(s.work)
+    parts.append(s.flush())
+    assert "".join(parts) == tok.decode(ids)
+    assert max(work[1000:]) <= max(work[:100]) + 16
+    assert sum(work) < 40 * len(ids)
 
 
 def test_resolve_model_path_and_sizes(tmp_path):

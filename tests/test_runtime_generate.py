@@ -39,7 +39,7 @@ def _recompute_greedy(model, prompt_ids, n):
 @pytest.mark.parametrize("which", ["dense", "fips"])
 def test_kv_cache_greedy_equals_full_recompute(which, dense, fips):
     model = {"dense": dense, "fips": fips}[which]
-    assert model.kind == "causal_lm" and model.has_kv_cache and model.num_layers == 4
+    assert model.kind == "causal-lm" and model.has_kv_cache and model.num_layers == 4
     for p in PROMPTS:
         r = model.generate(p, max_new_tokens=24, temperature=0.0, ignore_eos=True)
         assert len(r.token_ids) == 24 and r.finish_reason == "length"
@@ -240,7 +240,7 @@ def test_classify_matches_pytorch(tmp_path):
     lm.model.eval()
     export(lm, str(tmp_path / "model.onnx"))
     m = Model.load(tmp_path, threads=1)
-    assert m.kind == "image_classifier"
+    assert m.kind == "vit"
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         ref = lm.model(torch.from_numpy(x)).numpy()

@@ -32,9 +32,13 @@
 // the kernel runs single-threaded, as with FIPS_SPARSE_SERIAL=1. No OpenMP, so
 // session.intra_op.allow_spinning can stay at its default.
 //
-// Build (what fips_rt.runtime.native does):
-//   c++ -O3 -march=native -shared -fPIC -std=c++17 -fvisibility=hidden
-//       fips_sparse.cc sparse_kernels.cc -o libfips_sparse.so
+// Build: runtime/kernel_build.py (used by setup.py when the wheel is built, and by
+// fips_rt.runtime.native in a source checkout): this file, sparse_tables.cc and
+// sparse_dispatch.cc with the target's baseline flags, sparse_kernels.cc once per kernel level
+// with that level's flags (-O3 -fPIC -std=c++17 -fvisibility=hidden, plus nothing / -mavx2
+// -mfma -mpopcnt / -mavx512f -mavx2 -mfma -mpopcnt), linked into one libfips_sparse.so; no
+// -march=native. The level is chosen at run time (sparse_dispatch.cc); a level forced through
+// FIPS_SPARSE_ISA that the CPU lacks makes RegisterCustomOps return an error status.
 // (FIPS_RT_CXXFLAGS appends flags, into a separate cache entry: e.g. an AddressSanitizer build
 // with "-fsanitize=address -fno-omit-frame-pointer -O1 -g", loaded with libasan preloaded.)
 #include <cstdint>
@@ -392,6 +396,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     std::fprintf(stderr, "%s\n", msg.c_str());
     return nullptr;
   }
+  // The kernel level (chosen once, from the CPU and FIPS_SPARSE_ISA / FIPS_SPARSE_FORCE_SCALAR):
+  // a forced level this CPU lacks refuses the registration, in one line.
+  if (const char* why = fips::kernel_select_error())
+    return api->CreateStatus(ORT_FAIL, (std::string("fips_sparse: ") + why).c_str());
   try {
     std::lock_guard<std::mutex> lock(g_mutex);
     if (!g_domain) {
@@ -415,5 +423,12 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   }
 }
 
-// Diagnostics for tests / benchmarks (ctypes): which inner loops this build uses.
+// Diagnostics for tests / benchmarks (ctypes): the kernel level in use ("portable", "avx2",
+// "avx512"; "unavailable" when the forced one cannot run), the levels compiled in, the reason a
+// forced level cannot run (nullptr if it can), and the identity of the sources it was built from.
 extern "C" __attribute__((visibility("default"))) const char* FipsSparseKernelIsa() { return fips::kernel_isa(); }
+extern "C" __attribute__((visibility("default"))) const char* FipsSparseKernelLevels() { return fips::kernel_levels(); }
+extern "C" __attribute__((visibility("default"))) const char* FipsSparseKernelError() {
+  return fips::kernel_select_error();
+}
+extern "C" __attribute__((visibility("default"))) const char* FipsSparseSourcesId() { return fips::kernel_sources_id(); }

@@ -1,52 +1,65 @@
 // Sparse x dense products straight from values + packed bitmask (see sparse_kernels.h).
+//
+// One kernel level per compilation of this file (runtime/kernel_build.py): the build compiles
+// it once per level with -DFIPS_KERNEL_LEVEL=N and that level's instruction-set flags, and each
+// compilation defines its products in its own namespace, fips::portable / fips::avx2 /
+// fips::avx512. sparse_dispatch.cc picks one at run time from the CPU's features.
+//   0 portable  no -m flags: the scalar loops (the only level on non-x86 targets)
+//   1 avx2      -mavx2 -mfma -mpopcnt: the AVX2 + FMA kernels
+//   2 avx512    -mavx512f -mavx2 -mfma -mpopcnt: the AVX2 kernels, with AVX-512F few-token and
+//               many-token inner loops where the rows are byte-aligned
+// Code of a level runs only after the dispatcher has checked the CPU, so nothing in this file
+// may run when the library is loaded: no dynamic initializers at namespace scope (the tables
+// below are constexpr), and everything is in the level's namespace.
 #include "sparse_kernels.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifndef FIPS_KERNEL_LEVEL
+#error "compile with -DFIPS_KERNEL_LEVEL=0|1|2 and the level's flags (see runtime/kernel_build.py)"
+#endif
+#if FIPS_KERNEL_LEVEL == 0
+#define FIPS_LEVEL_NS portable
+#define FIPS_HAVE_AVX2 0
+#define FIPS_HAVE_AVX512 0
+#elif FIPS_KERNEL_LEVEL == 1 || FIPS_KERNEL_LEVEL == 2
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__POPCNT__))
+#error "kernel levels 1 and 2 need -mavx2 -mfma -mpopcnt"
+#endif
 #include <immintrin.h>
 #define FIPS_HAVE_AVX2 1
-#else
-#define FIPS_HAVE_AVX2 0
+#if FIPS_KERNEL_LEVEL == 2
+#ifndef __AVX512F__
+#error "kernel level 2 needs -mavx512f"
 #endif
-// AVX-512F (built with -march=native on a CPU that has it): the few-token kernels read 16 mask
-// bits per step and expand the kept values with one vexpandps instead of a table permute.
-#if FIPS_HAVE_AVX2 && defined(__AVX512F__)
+#define FIPS_LEVEL_NS avx512
+// AVX-512F: the few-token kernels read 16 mask bits per step and expand the kept values with
+// one vexpandps instead of a table permute; the many-token ones use 16 lanes.
 #define FIPS_HAVE_AVX512 1
 #else
+#define FIPS_LEVEL_NS avx2
 #define FIPS_HAVE_AVX512 0
+#endif
+#else
+#error "FIPS_KERNEL_LEVEL must be 0 (portable), 1 (avx2) or 2 (avx512)"
 #endif
 
 namespace fips {
+namespace FIPS_LEVEL_NS {
 namespace {
 
 inline int popcnt32(unsigned x) { return __builtin_popcount(x); }
 
-// 0 = scalar, 1 = AVX2 + FMA, 2 = AVX-512F (few-token kernels); see simd_level() below.
-int simd_level();
-
-inline uint64_t load_u64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// 0 = scalar, 1 = AVX2 + FMA, 2 = AVX-512F (few-token kernels): fixed by this compilation.
+constexpr int simd_level() { return FIPS_HAVE_AVX512 ? 2 : (FIPS_HAVE_AVX2 ? 1 : 0); }
 
 inline bool bit_at(const uint8_t* mask, uint64_t p) { return (mask[p >> 3] >> (p & 7)) & 1u; }
-
-// Number of set bits in the bit range [p0, p1) of the mask.
-int64_t count_bits(const uint8_t* mask, uint64_t p0, uint64_t p1) {
-  int64_t n = 0;
-  while (p0 < p1 && (p0 & 7)) n += bit_at(mask, p0++);               // head, up to a byte
-  for (; p0 + 64 <= p1; p0 += 64) n += __builtin_popcountll(load_u64(mask + (p0 >> 3)));
-  for (; p0 + 8 <= p1; p0 += 8) n += popcnt32(mask[p0 >> 3]);
-  while (p0 < p1) n += bit_at(mask, p0++);                             // tail bits
-  return n;
-}
 
 // The 8 mask bits of columns [c, c+8) of a row, i.e. bits [p, p+8) with p = row*cols + c.
 // A row starts at bit row*cols, which is byte-aligned only when cols % 8 == 0; otherwise the
@@ -108,7 +121,7 @@ int64_t nt_row_chunk(int64_t rows) { return std::max<int64_t>(8, std::min<int64_
 // unevenly (the weakest basis directions of a FiPS V lose all their entries, the strongest
 // keep most), so equal row counts would leave one thread with most of the work. Depends only
 // on the mask, so the summation order stays fixed for every thread count.
-std::vector<int64_t> balanced_rows(const MaskTables& t, int64_t parts, int64_t align) {
+[[maybe_unused]] std::vector<int64_t> balanced_rows(const MaskTables& t, int64_t parts, int64_t align) {
   std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
   b[0] = 0;
   for (int64_t k = 1; k < parts; ++k) {
@@ -130,8 +143,9 @@ void run_tasks(const TaskRunner& runner, size_t n, F&& f) {
   runner.run(n, &Tramp::call, static_cast<void*>(&f));
 }
 
+#if !FIPS_HAVE_AVX2
 // ------------------------------------------------------------------------------------
-// Portable scalar path (also the reference the SIMD path is tested against).
+// Portable scalar path (level 0; also the reference the SIMD levels are tested against).
 // ------------------------------------------------------------------------------------
 void nn_scalar(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   const MaskTables& t = *V.t;
@@ -177,6 +191,8 @@ void nt_scalar(const SparseMatrix& V, const float* A, int64_t T, float* Y, const
   });
 }
 
+#endif  // !FIPS_HAVE_AVX2
+
 #if FIPS_HAVE_AVX2
 // ------------------------------------------------------------------------------------
 // AVX2 + FMA path.
@@ -187,8 +203,8 @@ void nt_scalar(const SparseMatrix& V, const float* A, int64_t T, float* Y, const
 // are the source lane for _mm256_permutevar8x32_ps and the sign bit says "kept" (used by
 // _mm256_blendv_ps to zero the other lanes). 256 x 8 bytes = 2 KiB.
 struct ExpandLut {
-  alignas(64) int8_t idx[256][8];
-  ExpandLut() {
+  alignas(64) int8_t idx[256][8] = {};
+  constexpr ExpandLut() {
     for (int m = 0; m < 256; ++m) {
       int k = 0;
       for (int j = 0; j < 8; ++j)
@@ -196,7 +212,7 @@ struct ExpandLut {
     }
   }
 };
-const ExpandLut g_lut;
+constexpr ExpandLut g_lut{};  // constant-initialized: no code runs at load
 
 // Lanes [0, n) set.
 inline __m256i lanes_lt(int n) {
@@ -279,8 +295,8 @@ constexpr int kTBShift = 5;  // log2(kTB)
 
 // Compress table: lane k = column (0..7) of the k-th set bit of m.
 struct CompressLut {
-  alignas(64) int8_t pos[256][8];
-  CompressLut() {
+  alignas(64) int8_t pos[256][8] = {};
+  constexpr CompressLut() {
     for (int m = 0; m < 256; ++m) {
       int k = 0;
       for (int j = 0; j < 8; ++j)
@@ -289,7 +305,7 @@ struct CompressLut {
     }
   }
 };
-const CompressLut g_cmp;
+constexpr CompressLut g_cmp{};  // constant-initialized
 
 // Columns of the kept entries of the row starting at bit `base`, restricted to [c0, c1),
 // as offsets (c - c0) * kTB into a transposed block; returns their number. Each group
@@ -365,10 +381,25 @@ void transpose_all(const float* A, int64_t T, int64_t K, const TaskRunner& runne
   });
 }
 
+// A grow-only buffer (no std::vector here: its out-of-line members would be weak symbols shared
+// with the baseline objects, see runtime/kernel_build.py; contents are not kept on growth).
+template <class T>
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  size_t n = 0;
+  T* get(size_t need) {
+    if (need > n) {
+      p.reset(new T[need]);
+      n = need;
+    }
+    return p.get();
+  }
+};
+
 struct BigScratch {
   AlignedFloats yt;
-  std::vector<int32_t> idx;
-  std::vector<int64_t> ptr;
+  Scratch<int32_t> idx;
+  Scratch<int64_t> ptr;
 };
 BigScratch& big_scratch() {
   thread_local BigScratch s;
@@ -437,11 +468,9 @@ void nt_big_task(const SparseMatrix& V, const float* ATb, float* Y, int64_t r0, 
   BigScratch& sc = big_scratch();
   sc.yt.reserve(static_cast<size_t>(nr * kTB));
   std::fill(sc.yt.data(), sc.yt.data() + nr * kTB, 0.0f);
-  sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
-  sc.ptr.resize(static_cast<size_t>(nr));
   float* acc_rows = sc.yt.data();
-  int32_t* idx = sc.idx.data();
-  int64_t* ptr = sc.ptr.data();
+  int32_t* idx = sc.idx.get(static_cast<size_t>(kChunkCols + 8));
+  int64_t* ptr = sc.ptr.get(static_cast<size_t>(nr));
   for (int64_t i = 0; i < nr; ++i) ptr[i] = t.row_off[r0 + i];
   for (int64_t c0 = 0; c0 < cols; c0 += kChunkCols) {
     const int64_t c1 = std::min(c0 + kChunkCols, cols);
@@ -468,9 +497,8 @@ void nn_big_task(const SparseMatrix& V, const float* AT, float* Y, int64_t j, in
   const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols), w = c1 - c0;
   BigScratch& sc = big_scratch();
   sc.yt.reserve(static_cast<size_t>(kChunkCols * kTB));
-  sc.idx.resize(static_cast<size_t>(kChunkCols + 8));
   float* YT = sc.yt.data();
-  int32_t* idx = sc.idx.data();
+  int32_t* idx = sc.idx.get(static_cast<size_t>(kChunkCols + 8));
   std::fill(YT, YT + w * kTB, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     if (t.row_off[r + 1] == t.row_off[r]) continue;
@@ -974,95 +1002,25 @@ void nt_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
 
 }  // namespace
 
-namespace {
-int simd_level() {
-  static const int level = [] {
-    const char* e = std::getenv("FIPS_SPARSE_FORCE_SCALAR");
-    if (!FIPS_HAVE_AVX2 || (e && e[0] && e[0] != '0')) return 0;
-    const char* isa = std::getenv("FIPS_SPARSE_ISA");  // "avx2": leave the AVX-512 kernels out
-    if (FIPS_HAVE_AVX512 && !(isa && std::strcmp(isa, "avx2") == 0)) return 2;
-    return 1;
-  }();
-  return level;
-}
-}  // namespace
-
-bool simd_enabled() { return simd_level() > 0; }
-
-const char* kernel_isa() {
-  switch (simd_level()) {
-    case 2: return "avx512f+avx2-fma";
-    case 1: return "avx2-fma";
-    default: return "scalar";
-  }
-}
-
-const char* check_dims(int64_t rows, int64_t cols, int64_t* bits, int64_t* nbytes) {
-  if (rows < 1 || cols < 1) return "rows and cols must be >= 1";
-  int64_t n = 0;
-  if (__builtin_mul_overflow(rows, cols, &n) || n > kMaxBits) return "rows * cols must be < 2**31";
-  if (bits) *bits = n;
-  if (nbytes) *nbytes = n / 8 + (n % 8 != 0);
-  return nullptr;
-}
-
-void build_tables(const uint8_t* mask, size_t mask_bytes, int64_t rows, int64_t cols, bool with_chunks,
-                  MaskTables* out) {
-  int64_t bits = 0, nbytes = 0;
-  if (const char* why = check_dims(rows, cols, &bits, &nbytes)) throw std::invalid_argument(why);
-  if (!mask || mask_bytes != static_cast<size_t>(nbytes))
-    throw std::invalid_argument("mask has " + std::to_string(mask_bytes) + " bytes, rows * cols needs " +
-                                std::to_string(nbytes));
-  // every size below is <= bits + 1 < 2**31 (cols >= 1): no overflow, no allocation larger
-  // than 8 bytes per mask bit
-  out->rows = rows;
-  out->cols = cols;
-  out->nchunks = with_chunks ? ceil_div(cols, kChunkCols) : 0;
-  out->row_off.assign(static_cast<size_t>(rows) + 1, 0);
-  out->chunk_off.assign(static_cast<size_t>(rows * out->nchunks), 0u);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t base = static_cast<uint64_t>(r) * cols;
-    int64_t in_row = 0;
-    if (with_chunks) {
-      for (int64_t j = 0; j < out->nchunks; ++j) {
-        out->chunk_off[r * out->nchunks + j] = static_cast<uint32_t>(in_row);
-        const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols);
-        in_row += count_bits(mask, base + c0, base + c1);
-      }
-    } else {
-      in_row = count_bits(mask, base, base + cols);
-    }
-    out->row_off[r + 1] = out->row_off[r] + in_row;
-  }
-  out->nnz = out->row_off[rows];
-  // A group load reads 8 floats starting at most at the row's end offset.
-  int64_t fr = 0;
-  while (fr < rows && out->row_off[fr + 1] + 8 <= out->nnz) ++fr;
-  out->fast_rows = fr;
-}
-
 void spmm_nn(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   if (T <= 0 || V.t->cols == 0) return;
 #if FIPS_HAVE_AVX2
-  if (simd_enabled()) {
-    if (V.t->cols % 8 == 0) nn_avx2<true>(V, A, T, Y, runner);
-    else nn_avx2<false>(V, A, T, Y, runner);
-    return;
-  }
-#endif
+  if (V.t->cols % 8 == 0) nn_avx2<true>(V, A, T, Y, runner);
+  else nn_avx2<false>(V, A, T, Y, runner);
+#else
   nn_scalar(V, A, T, Y, runner);
+#endif
 }
 
 void spmm_nt(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   if (T <= 0 || V.t->rows == 0) return;
 #if FIPS_HAVE_AVX2
-  if (simd_enabled()) {
-    if (V.t->cols % 8 == 0) nt_avx2<true>(V, A, T, Y, runner);
-    else nt_avx2<false>(V, A, T, Y, runner);
-    return;
-  }
-#endif
+  if (V.t->cols % 8 == 0) nt_avx2<true>(V, A, T, Y, runner);
+  else nt_avx2<false>(V, A, T, Y, runner);
+#else
   nt_scalar(V, A, T, Y, runner);
+#endif
 }
 
+}  // namespace FIPS_LEVEL_NS
 }  // namespace fips

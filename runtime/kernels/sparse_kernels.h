@@ -26,7 +26,7 @@
 //   v  += popcount(m)    (advance the values pointer by the number of kept entries)
 // then y[c:c+8] += a * x (transB = 0) or acc += x * A[c:c+8] (transB = 1), for each token
 // of a small register block; a group costs the same few instructions whatever its density.
-// With AVX-512F (a -march=native build on a CPU that has it) the few-token kernels take 16
+// At the AVX-512F level (chosen at run time on a CPU that has it) the few-token kernels take 16
 // columns per step: a 16-bit mask load and one vexpandps replace the table permute.
 // Both read V once per call as a stream; they prefetch the next row block's values and mask
 // bits in software, spread over the current block's steps (the hardware prefetchers alone
@@ -90,15 +90,42 @@ struct TaskRunner {
   virtual ~TaskRunner() = default;
 };
 
+// Kernel levels. sparse_kernels.cc is compiled once per level, each time with that level's
+// instruction-set flags and its products in the level's namespace (runtime/kernel_build.py):
+//   fips::portable  baseline flags of the target (x86-64, aarch64, ...): scalar loops
+//   fips::avx2      -mavx2 -mfma -mpopcnt (x86-64 only)
+//   fips::avx512    -mavx512f -mavx2 -mfma -mpopcnt (x86-64 only)
+// sparse_dispatch.cc (baseline flags) picks one the first time it is asked, from the CPU's
+// features, unless the environment forces one:
+//   FIPS_SPARSE_ISA=auto|portable|avx2|avx512   (also "scalar" = portable, "avx512f" = avx512)
+//   FIPS_SPARSE_FORCE_SCALAR=1                  portable (wins over FIPS_SPARSE_ISA)
+// A forced level that this CPU (or this build) lacks is an error: kernel_select_error() says
+// it in one line and the library refuses to register. Test-only: FIPS_SPARSE_TEST_CPU_LACKS=
+// avx512f,avx2,fma,popcnt (a comma list) makes the dispatcher treat those features as absent.
+#define FIPS_DECLARE_KERNEL_LEVEL(ns)                                                          \
+  namespace ns {                                                                              \
+  void spmm_nn(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run); \
+  void spmm_nt(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run); \
+  }
+FIPS_DECLARE_KERNEL_LEVEL(portable)
+FIPS_DECLARE_KERNEL_LEVEL(avx2)
+FIPS_DECLARE_KERNEL_LEVEL(avx512)
+#undef FIPS_DECLARE_KERNEL_LEVEL
+
+// The products at the chosen level (they throw std::runtime_error if no level could be chosen).
 // Y[T, cols] = A[T, rows] @ V
 void spmm_nn(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run);
 // Y[T, rows] = A[T, cols] @ V^T
 void spmm_nt(const SparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run);
 
-// true when the AVX2/FMA code path is compiled in and not disabled via
-// FIPS_SPARSE_FORCE_SCALAR=1 (read once). FIPS_SPARSE_ISA=avx2 leaves out the AVX-512F
-// few-token kernels that a -march=native build on an AVX-512 CPU has.
-bool simd_enabled();
+// The chosen level: "portable", "avx2" or "avx512" ("unavailable" when the choice failed).
 const char* kernel_isa();
+// nullptr when a level was chosen, else the one-line reason (e.g. a forced level the CPU lacks).
+const char* kernel_select_error();
+// The levels compiled into this library, comma separated (e.g. "portable,avx2,avx512").
+const char* kernel_levels();
+// Identity of the sources the library was built from ("fips-sparse-sources-sha256:<hex>", or
+// "...:unknown"): fips_rt.runtime.native refuses a prebuilt library built from other sources.
+const char* kernel_sources_id();
 
 }  // namespace fips
