@@ -124,6 +124,11 @@ def test_runtime_commands_work_without_torch(runtime_venv, tmp_path):
     out = _run([fips, "generate", model, "-p", "Once upon a time", "-n", 8, "--ignore-eos", "-t", 1], env=_env(),
                cwd=tmp_path).stdout
     assert out.strip()
+    from fips_rt.runtime import Model
+    want = Model.load(model, threads=1).chat([{"role": "user", "content": "Hello there"}], max_new_tokens=6).text
+    chat = subprocess.run([str(fips), "chat", str(model), "-n", "6", "-t", "1"], input="Hello there\n/exit\n",
+                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    assert chat.returncode == 0 and chat.stdout == want + "\n", chat.stderr  # the chat template, torch-free
     res = json.loads(_run([fips, "eval", model / "model.onnx", "--eval-tokens", 256, "--seq-len", 64, "--json"],
                           env=_env(), cwd=tmp_path).stdout)
     assert res["tokens"] == 4 * 63 and res["ppl"] > 1
