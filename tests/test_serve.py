@@ -524,3 +524,49 @@ def test_serve_refuses_a_missing_model(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fips_rt.runtime.cli", "serve", str(tmp_path)],
                          capture_output=True, text=True, timeout=120, env=runtime_env())
     assert out.returncode != 0 and "No .onnx" in out.stderr
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_rss_stays_flat_over_a_bounded_soak():
+    """After a warm-up, 6 more rounds of the same mixed, concurrent load (completions, streamed chat, bad
+    requests, embeddings refused on an LM) leave the server's RSS within 10% of its post-warm-up value."""
+    d = tiny_lm_dir("fips", last_logits_only=True)
+    proc, base = _start_server(d, "--max-batch", "8")
+    bodies = [
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True}),
+        ("/v1/completions", {"prompt": "1 2 3", "max_tokens": 16, "temperature": 0.8, "seed": 3, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+                                  "stream": True}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 8, "bogus_field": 1}),          # 400
+        ("/v1/embeddings", {"input": "an LM has no embeddings endpoint"}),                  # 4xx
+    ]
+
+    def round_():
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda b: request(base, "POST", b[0], b[1], timeout=120)[0], bodies * 4))
+        assert all(s < 500 for s in statuses), statuses
+
+    try:
+        for _ in range(3):  # warm-up: arenas, caches, lazy imports
+            round_()
+        after_warmup = _rss_mib(proc.pid)
+        samples = []
+        for _ in range(6):
+            round_()
+            samples.append(_rss_mib(proc.pid))
+        assert max(samples) <= 1.10 * after_warmup, (after_warmup, samples)
+        assert jrequest(base, "GET", "/health")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
