@@ -39,7 +39,6 @@ from starlette.responses import Response as StarletteResponse
 
 from .serve_scheduler import Overloaded, Scheduler, SchedulerConfig, Sequence, SequenceEnd, ShuttingDown
 from .session import FipsRuntimeError
-from .streaming import GenerationChunk
 
 __all__ = ["ServeConfig", "ApiError", "App", "create_app", "serve", "start_in_thread"]
 
@@ -681,18 +680,26 @@ def create_app(model, config: ServeConfig | None = None):
             ct += n
         return choices, ct
 
+    async def submit(request: Request, body, prompts, opts, *, chat: bool):
+        """Queue the sequences of a (chat) completion. Returns (a response to send now, None) when it
+        streams or the client left, else (None, the finished results)."""
+        seqs, queues = await run_in_threadpool(new_sequences, prompts, opts, asyncio.get_running_loop())
+        state.submit(seqs)
+        if body.stream:
+            return stream_response(seqs, queues, chat=chat,
+                                   include_usage=bool(body.stream_options and body.stream_options.include_usage)), None
+        results = await run(request, seqs, queues)
+        if results is None:
+            return Response(status_code=499), None
+        return None, results
+
     @api.post("/v1/completions", response_model=A.Completion, responses={**errors, **stream_doc})
     async def completions(body: A.CompletionRequest, request: Request):
         state.require_kind("causal-lm", "/v1/completions")
         prompts, opts = await run_in_threadpool(state.prepare_completion, body)
-        seqs, queues = await run_in_threadpool(new_sequences, prompts, opts, asyncio.get_running_loop())
-        state.submit(seqs)
-        if body.stream:
-            return stream_response(seqs, queues, chat=False,
-                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        results = await run(request, seqs, queues)
-        if results is None:
-            return Response(status_code=499)
+        early, results = await submit(request, body, prompts, opts, chat=False)
+        if early is not None:
+            return early
         choices, ct = completion_body(results)
         pt = sum(len(p) for p in prompts)
         return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
@@ -703,14 +710,9 @@ def create_app(model, config: ServeConfig | None = None):
     async def chat_completions(body: A.ChatCompletionRequest, request: Request):
         state.require_kind("causal-lm", "/v1/chat/completions")
         ids, opts = await run_in_threadpool(state.prepare_chat, body)
-        seqs, queues = await run_in_threadpool(new_sequences, [ids], opts, asyncio.get_running_loop())
-        state.submit(seqs)
-        if body.stream:
-            return stream_response(seqs, queues, chat=True,
-                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        results = await run(request, seqs, queues)
-        if results is None:
-            return Response(status_code=499)
+        early, results = await submit(request, body, [ids], opts, chat=True)
+        if early is not None:
+            return early
         (text, n, finish), = results
         return JSONResponse({"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                              "created": int(time.time()), "model": model.name,
