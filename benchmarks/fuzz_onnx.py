@@ -18,6 +18,10 @@ refused), ``crashed`` (the worker process died), ``hung`` (no answer within the 
 The validation pass only sees the file, so for weights fed at run time (or an A it cannot know)
 "accepted" is expected there: counted as ``deferred``.
 
+A fraction (``--quant``, default 0.25) of the cases are ``fips.QSparseMatMul`` nodes instead (int8 / int4
+codes with scales: random bits, group_size, code and scale dtypes and lengths, missing attributes, on top
+of the same attribute / mask / A draws), judged by the same oracle extended with the quantized rule.
+
 Cases run in worker subprocesses (a crash or a hang costs one case: the worker is replaced) under
 an address-space limit, so a runaway allocation fails instead of taking the machine down.
 
@@ -191,6 +195,129 @@ def build(c: dict):
     return model(True), model(c["body_for_native"]), feeds, valid, expected
 
 
+# ---------------------------------------------------------------------------- fips.QSparseMatMul cases
+def make_qcase(seed: int) -> dict:
+    """A QSparseMatMul variant: the SparseMatMul draws (float32 A) plus bits, group_size and the codes / scales."""
+    import numpy as np
+    c = make_case(seed)
+    rng = np.random.default_rng([seed, 12])
+    c.update(quant=True, elem="float32", values_dtype="float32")
+    c["bits"] = int(rng.choice([8, 4])) if rng.random() < 0.9 else int(rng.choice([6, 0, -1, 16, 2 ** 32 + 8]))
+    c["group_size"] = (int(rng.choice([0, 0, 32, 64, 16, 7, 1, 3, 2 ** 31 - 1])) if rng.random() < 0.9
+                       else int(rng.choice([-1, -(2 ** 40), 2 ** 31])))
+    want = "int8" if c["bits"] != 4 else "uint8"
+    c["q_dtype"] = want if rng.random() < 0.9 else str(rng.choice(["int8", "uint8", "float32", "int32"]))
+    c["q_delta"] = 0 if rng.random() < 0.8 else int(rng.choice([-1, 1, 2, -2]))
+    c["s_delta"] = 0 if rng.random() < 0.8 else int(rng.choice([-1, 1, 3]))
+    c["s_dtype"] = "float32" if rng.random() < 0.95 else "float16"
+    c["s_2d"] = bool(rng.random() < 0.03)
+    if c["attr_mode"] == "ok" and rng.random() < 0.1:
+        c["attr_mode"] = str(rng.choice(["missing_bits", "missing_group"]))
+    return c
+
+
+def _q_need(bits: int, group: int, rows: int, kept: int) -> tuple[int, int]:
+    """(code entries, scales) a node with these attributes needs (int8 layout for invalid bits)."""
+    codes = -(-kept // 2) if bits == 4 else kept
+    scales = rows if group <= 0 else -(-kept // group)
+    return codes, scales
+
+
+def oracle_q(c: dict, mask_bytes, n_codes: int, n_scales: int) -> bool:
+    """The QSparseMatMul rule of docs/sparse-op.md, written independently of runtime/validate.py."""
+    if c["attr_mode"] in ("float_transB", "missing_rows", "missing_bits", "missing_group"):
+        return False
+    rows, cols = c["rows"], c["cols"]
+    tb = 0 if c["attr_mode"] == "missing_transB" else c["transB"]
+    if not (rows >= 1 and cols >= 1 and rows * cols < 2 ** 31 and tb in (0, 1)):
+        return False
+    if c["bits"] not in (4, 8) or not 0 <= c["group_size"] < 2 ** 31:
+        return False
+    n = rows * cols
+    if c["mask_dtype"] != "uint8" or c["mask_2d"] or len(mask_bytes) != (n + 7) // 8:
+        return False
+    kept = sum(bin(b).count("1") for b in mask_bytes[: n // 8]) + (
+        bin(mask_bytes[n // 8] & ((1 << (n % 8)) - 1)).count("1") if n % 8 else 0)
+    need_codes = kept if c["bits"] == 8 else (kept + 1) // 2
+    need_scales = rows if c["group_size"] == 0 else (kept + c["group_size"] - 1) // c["group_size"]
+    if c["q_dtype"] != ("int8" if c["bits"] == 8 else "uint8") or n_codes != need_codes:
+        return False
+    if c["s_dtype"] != "float32" or c["s_2d"] or n_scales != need_scales:
+        return False
+    return len(c["a_shape"]) >= 1 and c["a_shape"][-1] == (cols if tb == 1 else rows)
+
+
+def build_q(c: dict):
+    """As :func:`build`, for a QSparseMatMul case."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from fips_rt.exporter.sparse_op import qsparse_matmul_function, unpack_int4
+    rng = np.random.default_rng([c["seed"], 13])
+    raw = (rng.random(c["nbytes"] * 8) < c["density"]).astype(np.uint8)
+    mask_u8 = np.packbits(raw, bitorder="little") if c["nbytes"] else np.zeros(0, np.uint8)
+    rows, cols = c["rows"], c["cols"]
+    n = rows * cols
+    kept = int(np.unpackbits(mask_u8, bitorder="little")[: max(0, min(n, 8 * c["nbytes"]))].sum()) if c["nbytes"] else 0
+    need_codes, need_scales = _q_need(c["bits"], c["group_size"], rows if 0 < rows <= MAX_MASK_BYTES * 8 else 4, kept)
+    n_codes = max(0, need_codes + c["q_delta"])
+    n_scales = max(0, need_scales + c["s_delta"])
+    codes_u8 = rng.integers(0, 256, n_codes, dtype=np.uint8)
+    codes = {"int8": codes_u8.view(np.int8), "uint8": codes_u8, "float32": codes_u8.astype(np.float32),
+             "int32": codes_u8.astype(np.int32)}[c["q_dtype"]]
+    scales = (rng.random(n_scales) * 0.1).astype(c["s_dtype"])
+    if c["s_2d"]:
+        scales = scales.reshape(1, -1)
+    mask = {"uint8": mask_u8, "int8": mask_u8.view(np.int8), "float32": mask_u8.astype(np.float32)}[c["mask_dtype"]]
+    if c["mask_2d"]:
+        mask = mask.reshape(2, -1) if mask.size % 2 == 0 and mask.size else mask.reshape(1, -1)
+    a = rng.standard_normal(c["a_shape"]).astype(np.float32)
+    valid = oracle_q(c, mask_u8.tobytes() if mask.ndim == 1 else b"", n_codes, n_scales) and mask.ndim == 1
+    expected = None
+    if valid:
+        tb = 0 if c["attr_mode"] == "missing_transB" else c["transB"]
+        keep = np.unpackbits(mask_u8, bitorder="little")[:n].astype(bool)
+        q = codes.astype(np.float64) if c["bits"] == 8 else unpack_int4(codes, kept).astype(np.float64)
+        if c["group_size"] == 0:
+            grp = np.repeat(np.arange(rows), keep.reshape(rows, cols).sum(1))
+        else:
+            grp = np.arange(kept) // c["group_size"]
+        dense = np.zeros(n, np.float64)
+        dense[keep] = q * scales.astype(np.float64)[grp]
+        dense = dense.reshape(rows, cols)
+        expected = a.astype(np.float64) @ (dense.T if tb else dense)
+    a_dims = [f"d{i}" for i in range(len(c["a_shape"]) - 1)] + [c["a_shape"][-1]] if c["declare_a"] else None
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, a_dims)]
+    feeds = {"A": a}
+    weights = {"qvalues": codes, "scales": scales, "mask": mask}
+    inits = []
+    if c["weights_as_inputs"]:
+        inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                   for k, v in weights.items()]
+        feeds.update(weights)
+    else:
+        inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    node = helper.make_node("QSparseMatMul", ["A", "qvalues", "scales", "mask"], ["Y"], domain="fips")
+    attrs = {"rows": rows, "cols": cols, "transB": c["transB"], "bits": c["bits"], "group_size": c["group_size"]}
+    if c["attr_mode"] == "float_transB":
+        attrs["transB"] = float(c["transB"])
+    for mode, key in (("missing_rows", "rows"), ("missing_transB", "transB"), ("missing_bits", "bits"),
+                      ("missing_group", "group_size")):
+        if c["attr_mode"] == mode:
+            del attrs[key]
+    for k, v in attrs.items():
+        node.attribute.append(helper.make_attribute(k, v))
+    graph = helper.make_graph([node], "fuzz", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+
+    def model(body):
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c["opset"]), helper.make_opsetid("fips", 1)],
+                              functions=[qsparse_matmul_function(c["opset"])] if body else [])
+        m.ir_version = 8 if c["opset"] <= 17 else 9
+        return m.SerializeToString()
+
+    return model(True), model(c["body_for_native"]), feeds, valid, expected
+
+
 # ---------------------------------------------------------------------------- worker
 PATHS = ("validate", "reference", "native")  # the native kernel last: a crash there keeps the others' results
 
@@ -200,7 +327,7 @@ def _run_one(c: dict, lib: str, emit) -> None:
     import numpy as np
     import onnxruntime as ort
     from fips_rt.runtime.validate import ModelValidationError, validate_model
-    ref_bytes, native_bytes, feeds, valid, expected = build(c)
+    ref_bytes, native_bytes, feeds, valid, expected = (build_q if c.get("quant") else build)(c)
     emit("case", {"valid": valid, "deferred": c["weights_as_inputs"] or not c["declare_a"]})
     try:
         validate_model(data=ref_bytes)
@@ -349,6 +476,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quant", type=float, default=0.25, help="fraction of fips.QSparseMatMul cases (every 1/q-th)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--mem-limit", type=int, default=4 << 30, help="address-space limit of a worker (bytes)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -367,13 +495,21 @@ def main() -> None:
     counts = {p: Counter() for p in ("validate", "native", "reference")}  # table order
     failures = []
     valid_n = 0
+    qcounts = {p: Counter() for p in ("validate", "native", "reference")}
+    q_every = round(1 / args.quant) if args.quant > 0 else 0
+    q_n = q_valid = 0
     for i in range(args.cases):
-        c = make_case(args.seed * 1_000_003 + i)
+        quant = bool(q_every) and i % q_every == q_every - 1
+        c = (make_qcase if quant else make_case)(args.seed * 1_000_003 + i)
+        q_n += quant
         r = pool.run(c)
         valid_n += bool(r.get("valid"))
+        q_valid += bool(quant and r.get("valid"))
         for p in counts:
             k = classify(r, p)
             counts[p][k] += 1
+            if quant:
+                qcounts[p][k] += 1
             if k in ("crashed", "hung", "not_run", "wrong", "accepted_invalid", "over_refused"):
                 failures.append({"path": p, "outcome": k, "case": c})
         if (i + 1) % 500 == 0:
@@ -384,6 +520,8 @@ def main() -> None:
         "seed": args.seed, "hang_guard_s": HANG_S, "worker_mem_limit_bytes": args.mem_limit,
         "wall_s": round(time.time() - t0, 1), "machine": machine(), "library": str(lib),
         "paths": {p: dict(sorted(v.items())) for p, v in counts.items()},
+        "quantized_cases": q_n, "quantized_valid_by_oracle": q_valid,
+        "quantized_paths": {p: dict(sorted(v.items())) for p, v in qcounts.items()},
         "failures": failures[:50], "failure_count": len(failures),
     }
     print(json.dumps({k: summary[k] for k in ("tried", "valid_by_oracle", "paths", "failure_count")}, indent=1))
@@ -399,7 +537,7 @@ def to_markdown(s: dict) -> str:
             "crashed", "hung", "not_run"]
     m = s["machine"]
     lines = [
-        "# fips.SparseMatMul node fuzzing (benchmarks/fuzz_onnx.py)", "",
+        "# fips.SparseMatMul / fips.QSparseMatMul node fuzzing (benchmarks/fuzz_onnx.py)", "",
         f"{s['tried']} seeded node variants (seed {s['seed']}; {s['valid_by_oracle']} valid by the rule of "
         f"docs/sparse-op.md, {s['invalid_by_oracle']} invalid), each in a worker subprocess with a "
         f"{s['hang_guard_s']:.0f} s hang guard and a {s['worker_mem_limit_bytes'] >> 30} GiB address-space limit. "
@@ -412,6 +550,14 @@ def to_markdown(s: dict) -> str:
     ]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(str(s["paths"][p].get(k, 0)) for p in s["paths"]) + " |")
+    if s.get("quantized_cases"):
+        lines += ["", f"Of these, {s['quantized_cases']} are fips.QSparseMatMul nodes ({s['quantized_valid_by_oracle']} "
+                  "valid by the rule), counted again on their own:", "",
+                  "| outcome (QSparseMatMul) | " + " | ".join(s["quantized_paths"]) + " |",
+                  "|---|" + "---|" * len(s["quantized_paths"])]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(str(s["quantized_paths"][p].get(k, 0)) for p in s["quantized_paths"])
+                         + " |")
     lines += ["", "refused_cleanly: an invalid node raised (no output); correct: a valid node's output matched numpy; "
               "accepted_valid: the validation pass let a valid node through; deferred: an invalid node the validation "
               "pass cannot judge from the file (weights fed at run time, A's last dimension not declared), left to "

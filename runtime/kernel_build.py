@@ -10,9 +10,9 @@ The plan (no ``-march=native`` anywhere; the kernel level is chosen at run time,
 ``kernels/sparse_dispatch.cc``):
 
     fips_sparse.cc, sparse_tables.cc, sparse_dispatch.cc   BASE_FLAGS (the target's baseline)
-    sparse_kernels.cc -DFIPS_KERNEL_LEVEL=0                BASE_FLAGS                    (portable)
-    sparse_kernels.cc -DFIPS_KERNEL_LEVEL=1                + -mavx2 -mfma -mpopcnt       (x86-64)
-    sparse_kernels.cc -DFIPS_KERNEL_LEVEL=2                + -mavx512f -mavx2 -mfma ...  (x86-64)
+    sparse_kernels.cc, qsparse_kernels.cc -DFIPS_KERNEL_LEVEL=0   BASE_FLAGS             (portable)
+    sparse_kernels.cc, qsparse_kernels.cc -DFIPS_KERNEL_LEVEL=1   + -mavx2 -mfma -mpopcnt (x86-64)
+    sparse_kernels.cc, qsparse_kernels.cc -DFIPS_KERNEL_LEVEL=2   + -mavx512f -mavx2 ...  (x86-64)
     c++ -shared <the objects, in this order> -o libfips_sparse.so
 
 Non-x86 targets (e.g. aarch64 with ``aarch64-linux-gnu-g++``) get the portable level only. The
@@ -46,6 +46,8 @@ LEVEL_FLAGS = {
 }
 COMMON_SOURCES = ("fips_sparse.cc", "sparse_tables.cc", "sparse_dispatch.cc")
 LEVEL_SOURCE = "sparse_kernels.cc"
+# every source compiled once per kernel level (fips.SparseMatMul, fips.QSparseMatMul)
+LEVEL_SOURCES = ("sparse_kernels.cc", "qsparse_kernels.cc")
 SOURCES_ID_PREFIX = b"fips-sparse-sources-sha256:"
 _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686")
 
@@ -98,7 +100,7 @@ def sources_hash(src_dir: Path) -> str:
     h = hashlib.sha256()
     for p in sources(src_dir):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(repr((BASE_FLAGS, LEVEL_FLAGS, COMMON_SOURCES, LEVEL_SOURCE)).encode())
+    h.update(repr((BASE_FLAGS, LEVEL_FLAGS, COMMON_SOURCES, LEVEL_SOURCES)).encode())
     return h.hexdigest()
 
 
@@ -132,9 +134,10 @@ def compile_units(src_dir: Path, machine: str, levels: tuple[str, ...] | None = 
         if name == "sparse_dispatch.cc":
             defs = (f'-DFIPS_SOURCES_SHA256="{digest}"',) + (("-DFIPS_KERNEL_X86_LEVELS=1",) if x86 else ())
         units.append((name, Path(name).stem + ".o", (*BASE_FLAGS, *defs)))
-    for level in levels:
+    for level in levels:  # level by level: every portable (baseline) object before any x86 one
         num, flags = LEVEL_FLAGS[level]
-        units.append((LEVEL_SOURCE, f"sparse_kernels.{level}.o", (*BASE_FLAGS, *flags, f"-DFIPS_KERNEL_LEVEL={num}")))
+        for src in LEVEL_SOURCES:
+            units.append((src, f"{Path(src).stem}.{level}.o", (*BASE_FLAGS, *flags, f"-DFIPS_KERNEL_LEVEL={num}")))
     return units
 
 

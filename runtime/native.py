@@ -60,7 +60,11 @@ Environment:
     FIPS_SPARSE_NO_FP16_SCHEMA=1  do not declare the float16 schema (float16 nodes then fail
                                   to load in sessions that have the library)
     FIPS_SPARSE_TEST_CPU_LACKS=   tests only: a comma list of CPU features (avx512f, avx2, fma,
-                                  popcnt) the library should treat as absent
+                                  popcnt; avx512vbmi2 for the kernel below) the library should treat as absent
+  fips.QSparseMatMul (int8 / int4 codes, kernels/qsparse_kernels.cc; same library, same levels):
+    FIPS_QSPARSE_NO_VBMI2=1       AVX-512 level: keep the AVX-512F int8 kernel where the CPU has VBMI2
+    FIPS_QSPARSE_FUSED_MAX_T=N    largest token count for the fused decode kernels (default 16 for int8
+                                  per-row scales, 8 otherwise; above: dequantize once, fp32 kernels)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Check every ``fips.SparseMatMul`` node of an ONNX file against the op's validity rule before onnxruntime sees it.
+"""Check every ``fips.SparseMatMul`` / ``fips.QSparseMatMul`` node of an ONNX file against the op's validity rule before onnxruntime sees it.
 
 The rule is written down once, in docs/sparse-op.md; the native kernel (runtime/kernels) and the
 function body (exporter/sparse_op.py) enforce it too, each on its own. This pass runs in
@@ -31,6 +31,7 @@ import numpy as np
 
 DOMAIN = "fips"
 OP_TYPE = "SparseMatMul"
+Q_OP_TYPE = "QSparseMatMul"     # int8 / int4 codes + scales (docs/sparse-op.md, "fips.QSparseMatMul")
 MAX_BITS = 2 ** 31 - 1          # rows * cols <= MAX_BITS
 
 # TensorProto.DataType values used here
@@ -415,11 +416,12 @@ class _Reader:
 
 
 def _where(node, index: int) -> str:
+    op = f"fips.{node.op_type}"
     if node.name:
-        return f"fips.SparseMatMul node {node.name!r}"
+        return f"{op} node {node.name!r}"
     if node.output:
-        return f"fips.SparseMatMul node (output {node.output[0]!r})"
-    return f"fips.SparseMatMul node #{index}"
+        return f"{op} node (output {node.output[0]!r})"
+    return f"{op} node #{index}"
 
 
 def _check_graph(buf, spans, reader: _Reader, outer_consts: dict, outer_types: dict, counter: list,
@@ -448,6 +450,9 @@ def _check_graph(buf, spans, reader: _Reader, outer_consts: dict, outer_types: d
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
             counter[0] += 1
             _check_node(node, i, consts, types, reader)
+        elif node.domain == DOMAIN and node.op_type == Q_OP_TYPE:
+            counter[0] += 1
+            _check_qnode(node, i, consts, types, reader)
         for a in node.attribute:  # subgraphs (If / Loop / Scan bodies)
             for g_spans in a.graph_spans:
                 _check_graph(buf, g_spans, reader, consts, types, counter, depth + 1)
@@ -467,11 +472,9 @@ def _int_attr(node, where: str, name: str, default=None) -> int:
     return int(a.i)
 
 
-def _check_node(node, index: int, consts: dict, types: dict, reader: _Reader) -> None:
-    where = _where(node, index)
-    if len(node.input) != 3 or len(node.output) != 1 or any(not x for x in node.input):
-        raise ModelValidationError(f"{where}: needs 3 inputs (A, values, mask) and 1 output, has "
-                                   f"{len(node.input)} and {len(node.output)}")
+def _check_common(node, where: str, consts: dict, types: dict, reader: _Reader, a_name: str, m_name: str,
+                  float_types: tuple) -> tuple[int, int, int, int | None]:
+    """Rules 1-3 and 5 of docs/sparse-op.md (attributes, mask, A): (rows, cols, transB, kept entries or None)."""
     rows = _int_attr(node, where, "rows")
     cols = _int_attr(node, where, "cols")
     trans_b = _int_attr(node, where, "transB", 0)
@@ -483,22 +486,12 @@ def _check_node(node, index: int, consts: dict, types: dict, reader: _Reader) ->
     if trans_b not in (0, 1):
         raise ModelValidationError(f"{where}: transB must be 0 or 1, got {trans_b}")
     nbytes = -(-bits // 8)
-    a_name, v_name, m_name = node.input
-    # types (declared or constant)
-    def dtype_of(name):
-        if name in consts:
-            return consts[name].dtype
-        t = types.get(name)
-        return t.elem_type if t is not None and t.elem_type else None
-
-    a_t, v_t, m_t = dtype_of(a_name), dtype_of(v_name), dtype_of(m_name)
+    a_t, m_t = _dtype_of(a_name, consts, types), _dtype_of(m_name, consts, types)
     if m_t is not None and m_t != UINT8:
         raise ModelValidationError(f"{where}: mask must be uint8, got {_dtype_name(m_t)}")
-    for label, t in (("A", a_t), ("values", v_t)):
-        if t is not None and t not in (FLOAT, FLOAT16):
-            raise ModelValidationError(f"{where}: {label} must be float32 or float16, got {_dtype_name(t)}")
-    if a_t is not None and v_t is not None and a_t != v_t:
-        raise ModelValidationError(f"{where}: A is {_dtype_name(a_t)} but values is {_dtype_name(v_t)}")
+    if a_t is not None and a_t not in float_types:
+        names = " or ".join(_dtype_name(t) for t in float_types)
+        raise ModelValidationError(f"{where}: A must be {names}, got {_dtype_name(a_t)}")
     # A's rank and last dimension, where known
     k_need = cols if trans_b else rows
     a_dims = None
@@ -525,6 +518,28 @@ def _check_node(node, index: int, consts: dict, types: dict, reader: _Reader) ->
             raise ModelValidationError(f"{where}: mask has {n_m} bytes, rows * cols = {bits} needs exactly {nbytes}")
         reader.check_size(m.proto, n_m, f"{where}: mask")
         kept = reader.popcount(m.proto, nbytes, bits, f"{where}: mask")
+    return rows, cols, trans_b, kept
+
+
+def _dtype_of(name, consts, types):
+    if name in consts:
+        return consts[name].dtype
+    t = types.get(name)
+    return t.elem_type if t is not None and t.elem_type else None
+
+
+def _check_node(node, index: int, consts: dict, types: dict, reader: _Reader) -> None:
+    where = _where(node, index)
+    if len(node.input) != 3 or len(node.output) != 1 or any(not x for x in node.input):
+        raise ModelValidationError(f"{where}: needs 3 inputs (A, values, mask) and 1 output, has "
+                                   f"{len(node.input)} and {len(node.output)}")
+    a_name, v_name, m_name = node.input
+    a_t, v_t = _dtype_of(a_name, consts, types), _dtype_of(v_name, consts, types)
+    if v_t is not None and v_t not in (FLOAT, FLOAT16):
+        raise ModelValidationError(f"{where}: values must be float32 or float16, got {_dtype_name(v_t)}")
+    _, _, _, kept = _check_common(node, where, consts, types, reader, a_name, m_name, (FLOAT, FLOAT16))
+    if a_t is not None and v_t is not None and a_t != v_t:
+        raise ModelValidationError(f"{where}: A is {_dtype_name(a_t)} but values is {_dtype_name(v_t)}")
     if v_name in consts:
         v = consts[v_name]
         if len(v.dims) != 1:
@@ -533,6 +548,49 @@ def _check_node(node, index: int, consts: dict, types: dict, reader: _Reader) ->
         reader.check_size(v.proto, n_v, f"{where}: values")
         if kept is not None and n_v != kept:
             raise ModelValidationError(f"{where}: values has {n_v} entries but the mask keeps {kept}")
+
+
+def _check_qnode(node, index: int, consts: dict, types: dict, reader: _Reader) -> None:
+    """fips.QSparseMatMul: SparseMatMul's rule (float32 A) plus bits in {4, 8}, 0 <= group_size < 2**31,
+    qvalues int8 [nnz] (bits 8) / uint8 [ceil(nnz/2)] (bits 4), scales float32 [rows or ceil(nnz/g)]."""
+    where = _where(node, index)
+    if len(node.input) != 4 or len(node.output) != 1 or any(not x for x in node.input):
+        raise ModelValidationError(f"{where}: needs 4 inputs (A, qvalues, scales, mask) and 1 output, has "
+                                   f"{len(node.input)} and {len(node.output)}")
+    a_name, q_name, s_name, m_name = node.input
+    qbits = _int_attr(node, where, "bits")
+    group = _int_attr(node, where, "group_size")
+    if qbits not in (4, 8):
+        raise ModelValidationError(f"{where}: bits must be 4 or 8, got {qbits}")
+    if not 0 <= group <= MAX_BITS:
+        raise ModelValidationError(f"{where}: group_size must be >= 0 and < 2**31, got {group}")
+    rows, _, _, kept = _check_common(node, where, consts, types, reader, a_name, m_name, (FLOAT,))
+    q_t, s_t = _dtype_of(q_name, consts, types), _dtype_of(s_name, consts, types)
+    want = INT8 if qbits == 8 else UINT8
+    if q_t is not None and q_t != want:
+        raise ModelValidationError(f"{where}: qvalues must be {_dtype_name(want)} for bits={qbits}, got "
+                                   f"{_dtype_name(q_t)}")
+    if s_t is not None and s_t != FLOAT:
+        raise ModelValidationError(f"{where}: scales must be float32, got {_dtype_name(s_t)}")
+    for name, what in ((q_name, "qvalues"), (s_name, "scales")):
+        if name not in consts:
+            continue
+        t = consts[name]
+        if len(t.dims) != 1:
+            raise ModelValidationError(f"{where}: {what} must be 1-D, has shape {list(t.dims)}")
+        n = _count(t.dims, f"{where}: {what}")
+        reader.check_size(t.proto, n, f"{where}: {what}")
+        if what == "qvalues" and kept is not None:
+            need = kept if qbits == 8 else -(-kept // 2)
+            if n != need:
+                raise ModelValidationError(f"{where}: qvalues has {n} entries but the mask keeps {kept}, which needs "
+                                           f"exactly {need} at bits={qbits}")
+        if what == "scales" and (group == 0 or kept is not None):
+            need = rows if group == 0 else -(-kept // group)
+            if n != need:
+                raise ModelValidationError(f"{where}: scales has {n} entries, group_size={group} with "
+                                           f"{'rows=' + str(rows) if group == 0 else str(kept) + ' kept entries'} "
+                                           f"needs exactly {need}")
 
 
 def validate_model(path: str | os.PathLike | None = None, *, data: bytes | None = None,

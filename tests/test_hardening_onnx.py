@@ -367,6 +367,13 @@ def test_kernel_tests_clean_under_address_sanitizer(tmp_path):
         "tests/test_hardening_onnx.py::test_native_kernel_refuses",
         "tests/test_hardening_onnx.py::test_native_kernel_refuses_at_creation",
         "tests/test_hardening_onnx.py::test_native_kernel_checks_weights_fed_at_run_time",
+        # fips.QSparseMatMul (tests/test_quant_kernel.py): every kernel kind in-process (the best level),
+        # the portable level in its own process, crafted and run-time-fed inputs
+        "tests/test_quant_kernel.py::test_native_reference_and_float64_agree",
+        "tests/test_quant_kernel.py::test_each_kernel_level_matches_float64[portable]",
+        "tests/test_quant_kernel.py::test_native_kernel_refuses_at_creation",
+        "tests/test_quant_kernel.py::test_native_and_body_check_weights_fed_at_run_time",
+        "tests/test_quant_kernel.py::test_weights_fed_at_run_time",
     ]
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection],
                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)

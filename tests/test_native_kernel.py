@@ -534,7 +534,13 @@ def test_no_march_native_and_one_object_per_level():
     assert not any(f.startswith("-m") for f in levels[0][2])  # portable: the target's baseline
     assert {"-mavx2", "-mfma"} <= set(levels[1][2]) and "-mavx512f" not in levels[1][2]
     assert {"-mavx512f", "-mavx2", "-mfma"} <= set(levels[2][2])
-    assert units.index(levels[0]) > max(units.index(u) for u in units if u[0] != "sparse_kernels.cc")
+    assert units.index(levels[0]) > max(units.index(u) for u in units if u[0] in kernel_build.COMMON_SOURCES)
+    # every source compiled per level (the fips.QSparseMatMul kernels too), and every baseline object
+    # (common + portable levels) linked before any x86 level's
+    for src in kernel_build.LEVEL_SOURCES:
+        assert [u[1] for u in units if u[0] == src] == [f"{src[:-3]}.{lv}.o" for lv in ("portable", "avx2", "avx512")]
+    x86 = [i for i, u in enumerate(units) if u[1].endswith((".avx2.o", ".avx512.o"))]
+    assert max(i for i, u in enumerate(units) if not u[1].endswith((".avx2.o", ".avx512.o"))) < min(x86)
     for _, _, flags in units:
         assert not any("march" in f or "mtune" in f for f in flags)
     assert [u[1] for u in kernel_build.compile_units(native.SOURCES_DIR, "aarch64-linux-gnu")

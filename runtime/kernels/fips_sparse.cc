@@ -1,4 +1,5 @@
-// onnxruntime custom-op library: domain "fips", op "SparseMatMul" (float32), CPU.
+// onnxruntime custom-op library: domain "fips", ops "SparseMatMul" (float32) and "QSparseMatMul"
+// (int8 / int4 codes with float32 scales, float32 A; see the QSparseMatMul section below), CPU.
 //
 // Contract: docs/sparse-op.md. Inputs A [..., K] float, values [nnz] float, mask [nbytes]
 // uint8; attributes rows, cols, transB (default 0).
@@ -53,6 +54,7 @@
 #include <vector>
 
 #include "ort_api_min.h"
+#include "qsparse_kernels.h"
 #include "sparse_kernels.h"
 
 namespace {
@@ -214,6 +216,126 @@ struct SparseMatMulKernel {
 
 OrtStatus* make_status(const OrtApi* api, const Error& e) { return api->CreateStatus(e.code, e.msg.c_str()); }
 
+// ---- fips.QSparseMatMul ---------------------------------------------------------------------
+// Inputs A [..., K] float32, qvalues int8 [nnz] (bits 8) / uint8 [ceil(nnz/2)] (bits 4), scales
+// float32 [nscales], mask uint8 [nbytes]; attributes rows, cols, transB, bits, group_size
+// (docs/sparse-op.md). The rule is checked as for SparseMatMul (attributes and constant inputs at
+// creation, the actual tensors at every call, before anything is allocated or written), plus the
+// codes' dtype and length (exactly nnz / ceil(nnz/2)) and the scales' (exactly rows / ceil(nnz/g)).
+[[noreturn]] void qfail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  throw Error{code, "fips.QSparseMatMul: " + msg};
+}
+
+struct QSparseMatMulKernel {
+  const OrtApi* api = nullptr;
+  uint32_t api_version = 0;
+  int64_t rows = 0, cols = 0, trans_b = 0, qbits = 0, group_size = 0;
+  int64_t bits = 0, nbytes = 0;
+  std::unique_ptr<fips::MaskTables> const_tables;
+  const uint8_t* const_mask = nullptr;
+
+  // The codes and scales must match the node's bits / group_size and the mask's nnz.
+  void check_codes(const TensorInfo& qi, int64_t nnz) const {
+    const auto want = qbits == 8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (qi.type != want) qfail(std::string("qvalues must be ") + (qbits == 8 ? "int8" : "uint8") + " for bits=" +
+                               std::to_string(qbits));
+    if (qi.dims.size() != 1) qfail("qvalues must be 1-D, got " + std::to_string(qi.dims.size()) + " dimensions");
+    const int64_t need = fips::quant_code_bytes(qbits, nnz);
+    if (qi.count != static_cast<size_t>(need))
+      qfail("qvalues has " + std::to_string(qi.count) + " entries but the mask keeps " + std::to_string(nnz) +
+            ", which needs exactly " + std::to_string(need) + " at bits=" + std::to_string(qbits));
+  }
+  void check_scales(const TensorInfo& si, int64_t nnz) const {
+    if (si.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) qfail("scales must be float32");
+    if (si.dims.size() != 1) qfail("scales must be 1-D, got " + std::to_string(si.dims.size()) + " dimensions");
+    const int64_t need = fips::quant_num_scales(rows, group_size, nnz);
+    if (si.count != static_cast<size_t>(need))
+      qfail("scales has " + std::to_string(si.count) + " entries, group_size=" + std::to_string(group_size) +
+            " with " + std::to_string(nnz) + " kept entries needs exactly " + std::to_string(need));
+  }
+
+  void compute(OrtKernelContext* ctx) {
+    size_t n_in = 0;
+    check(api, api->KernelContext_GetInputCount(ctx, &n_in));
+    if (n_in != 4) qfail("expected 4 inputs (A, qvalues, scales, mask), got " + std::to_string(n_in));
+    const OrtValue *a_v = nullptr, *q_v = nullptr, *s_v = nullptr, *mask_v = nullptr;
+    check(api, api->KernelContext_GetInput(ctx, 0, &a_v));
+    check(api, api->KernelContext_GetInput(ctx, 1, &q_v));
+    check(api, api->KernelContext_GetInput(ctx, 2, &s_v));
+    check(api, api->KernelContext_GetInput(ctx, 3, &mask_v));
+    if (!a_v || !q_v || !s_v || !mask_v) qfail("an input is missing");
+    const TensorInfo ai = tensor_info(api, a_v), qi = tensor_info(api, q_v), si = tensor_info(api, s_v),
+                     mi = tensor_info(api, mask_v);
+    if (ai.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) qfail("A must be float32");
+    if (mi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) qfail("mask must be uint8");
+    if (ai.dims.empty()) qfail("A must have at least 1 dimension");
+    if (mi.dims.size() != 1) qfail("mask must be 1-D, got " + std::to_string(mi.dims.size()) + " dimensions");
+    const int64_t K = ai.dims.back();
+    const int64_t need_k = trans_b ? cols : rows;
+    if (K != need_k)
+      qfail("A has last dimension " + std::to_string(K) + " but the node (rows=" + std::to_string(rows) +
+            ", cols=" + std::to_string(cols) + ", transB=" + std::to_string(trans_b) + ") needs " +
+            std::to_string(need_k));
+    if (mi.count != static_cast<size_t>(nbytes))
+      qfail("mask has " + std::to_string(mi.count) + " bytes, rows * cols = " + std::to_string(bits) +
+            " needs exactly " + std::to_string(nbytes));
+    const int64_t n_out = trans_b ? rows : cols;
+    int64_t T = 1, y_count = 0;
+    for (size_t i = 0; i + 1 < ai.dims.size(); ++i) {
+      if (ai.dims[i] < 0) qfail("A has a negative dimension");
+      if (__builtin_mul_overflow(T, ai.dims[i], &T)) qfail("A's leading dimensions overflow int64");
+    }
+    if (__builtin_mul_overflow(T, n_out, &y_count) || static_cast<uint64_t>(y_count) > SIZE_MAX / sizeof(float))
+      qfail("the output would have more than 2**63 elements");
+    const uint8_t* mask = tensor_data<uint8_t>(api, mask_v);
+    const fips::MaskTables* tables = nullptr;
+    fips::MaskTables local;
+    if (const_tables && mask == const_mask) {
+      tables = const_tables.get();
+    } else {
+      fips::build_tables(mask, mi.count, rows, cols, trans_b == 0, &local);
+      tables = &local;
+    }
+    check_codes(qi, tables->nnz);
+    check_scales(si, tables->nnz);
+
+    std::vector<int64_t> ydims(ai.dims);
+    ydims.back() = n_out;
+    OrtValue* y_v = nullptr;
+    check(api, api->KernelContext_GetOutput(ctx, 0, ydims.data(), ydims.size(), &y_v));
+    if (y_count == 0) return;
+    float* Y = nullptr;
+    check(api, api->GetTensorMutableData(y_v, reinterpret_cast<void**>(&Y)));
+    if (tables->nnz == 0) {
+      std::memset(Y, 0, static_cast<size_t>(y_count) * sizeof(float));
+      return;
+    }
+    const float* A = tensor_data<float>(api, a_v);
+    fips::QSparseMatrix Q{tensor_data<uint8_t>(api, q_v), static_cast<int>(qbits), static_cast<int64_t>(qi.count),
+                          tensor_data<float>(api, s_v), group_size, static_cast<int64_t>(si.count), mask, mi.count,
+                          tables};
+    OrtTaskRunner runner(api, api_version >= kParallelApi, ctx);
+    // FIPS_QSPARSE_FUSED_MAX_T=N (read once): the largest T for the fused kernels (default kQFusedMaxT)
+    static const int64_t fused_max_t = [] {
+      const char* e = std::getenv("FIPS_QSPARSE_FUSED_MAX_T");
+      return e && e[0] ? std::strtoll(e, nullptr, 10) : int64_t(-1);
+    }();
+    const int64_t max_t = fused_max_t >= 0 ? fused_max_t
+                                           : (qbits == 8 && group_size == 0 ? fips::kQFusedMaxTInt8Row : fips::kQFusedMaxT);
+    if (T <= max_t) {
+      if (trans_b) fips::qspmm_nt(Q, A, T, Y, runner);
+      else fips::qspmm_nn(Q, A, T, Y, runner);
+      return;
+    }
+    // many tokens: the kept values dequantized once (float32 [nnz], not a dense V), then the fp32 kernels
+    std::unique_ptr<float[]> vals(new float[static_cast<size_t>(tables->nnz)]);
+    fips::qdequantize(Q, vals.get(), runner);
+    fips::SparseMatrix V{vals.get(), mask, mi.count, tables};
+    if (trans_b) fips::spmm_nt(V, A, T, Y, runner);
+    else fips::spmm_nn(V, A, T, Y, runner);
+  }
+};
+
 int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, bool required,
                  int64_t dflt) {
   int64_t v = 0;
@@ -346,6 +468,105 @@ OrtCustomOp make_op(uint32_t version) {
   return op;
 }
 
+// fips.QSparseMatMul callbacks.
+int64_t attr_int_q(const OrtApi* api, const OrtKernelInfo* info, const char* name, bool required, int64_t dflt) {
+  try {
+    return attr_int(api, info, name, required, dflt);
+  } catch (const Error& e) {
+    qfail(e.msg.substr(std::string("fips.SparseMatMul: ").size()));
+  }
+}
+
+OrtStatus* qcreate_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  *out = nullptr;
+  try {
+    auto k = std::make_unique<QSparseMatMulKernel>();
+    k->api = api;
+    k->api_version = g_api_version;
+    k->rows = attr_int_q(api, info, "rows", true, 0);
+    k->cols = attr_int_q(api, info, "cols", true, 0);
+    k->trans_b = attr_int_q(api, info, "transB", false, 0);
+    k->qbits = attr_int_q(api, info, "bits", true, 0);
+    k->group_size = attr_int_q(api, info, "group_size", true, 0);
+    if (const char* why = fips::check_dims(k->rows, k->cols, &k->bits, &k->nbytes))
+      qfail(std::string(why) + " (rows=" + std::to_string(k->rows) + ", cols=" + std::to_string(k->cols) + ")");
+    if (k->trans_b != 0 && k->trans_b != 1) qfail("transB must be 0 or 1, got " + std::to_string(k->trans_b));
+    if (const char* why = fips::check_quant_attrs(k->qbits, k->group_size))
+      qfail(std::string(why) + " (bits=" + std::to_string(k->qbits) + ", group_size=" + std::to_string(k->group_size) +
+            ")");
+    int is_const = 0;
+    const OrtValue* mask_v = nullptr;
+    OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, 3, &is_const, &mask_v);
+    if (st) {
+      api->ReleaseStatus(st);
+    } else if (is_const && mask_v) {
+      const TensorInfo mi = tensor_info(api, mask_v);
+      if (mi.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) qfail("mask must be uint8");
+      if (mi.dims.size() != 1) qfail("mask must be 1-D, got " + std::to_string(mi.dims.size()) + " dimensions");
+      if (mi.count != static_cast<size_t>(k->nbytes))
+        qfail("mask has " + std::to_string(mi.count) + " bytes, rows * cols = " + std::to_string(k->bits) +
+              " needs exactly " + std::to_string(k->nbytes));
+      k->const_mask = tensor_data<uint8_t>(api, mask_v);
+      k->const_tables = std::make_unique<fips::MaskTables>();
+      fips::build_tables(k->const_mask, mi.count, k->rows, k->cols, k->trans_b == 0, k->const_tables.get());
+      for (size_t idx : {size_t(1), size_t(2)}) {  // constant codes / scales: checked against the mask now
+        int c = 0;
+        const OrtValue* v = nullptr;
+        OrtStatus* st2 = api->KernelInfoGetConstantInput_tensor(info, idx, &c, &v);
+        if (st2) {
+          api->ReleaseStatus(st2);
+        } else if (c && v) {
+          const TensorInfo ti = tensor_info(api, v);
+          if (idx == 1) k->check_codes(ti, k->const_tables->nnz);
+          else k->check_scales(ti, k->const_tables->nnz);
+        }
+      }
+    }
+    *out = k.release();
+    return nullptr;
+  } catch (const Error& e) {
+    return make_status(api, e);
+  } catch (const std::bad_alloc&) {
+    return api->CreateStatus(ORT_FAIL, "fips.QSparseMatMul: out of memory");
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, (std::string("fips.QSparseMatMul: ") + e.what()).c_str());
+  }
+}
+
+OrtStatus* qcompute_v2(void* kernel, OrtKernelContext* ctx) {
+  auto* k = static_cast<QSparseMatMulKernel*>(kernel);
+  try {
+    k->compute(ctx);
+    return nullptr;
+  } catch (const Error& e) {
+    return make_status(k->api, e);
+  } catch (const std::bad_alloc&) {
+    return k->api->CreateStatus(ORT_FAIL, "fips.QSparseMatMul: out of memory");
+  } catch (const std::exception& e) {
+    return k->api->CreateStatus(ORT_FAIL, (std::string("fips.QSparseMatMul: ") + e.what()).c_str());
+  }
+}
+
+void qdestroy_kernel(void* kernel) { delete static_cast<QSparseMatMulKernel*>(kernel); }
+const char* qop_name(const OrtCustomOp*) { return "QSparseMatMul"; }
+// qvalues: int8 or uint8 (as bits says): declared as any type, checked by the kernel
+ONNXTensorElementDataType qop_input_type(const OrtCustomOp*, size_t i) {
+  if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t qop_input_count(const OrtCustomOp*) { return 4; }
+
+OrtCustomOp make_qop(uint32_t version) {
+  OrtCustomOp op = make_op(version);
+  op.GetName = qop_name;
+  op.GetInputType = qop_input_type;
+  op.GetInputTypeCount = qop_input_count;
+  op.KernelDestroy = qdestroy_kernel;
+  op.CreateKernelV2 = qcreate_kernel_v2;
+  op.KernelComputeV2 = qcompute_v2;
+  return op;
+}
+
 // Schema-only float16 declaration (see the file comment): its "kernel" is bound to an
 // execution provider that does not exist, so it is never instantiated.
 constexpr const char* kSchemaOnlyEp = "FipsSchemaOnlyNoSuchExecutionProvider";
@@ -365,6 +586,7 @@ OrtCustomOp make_schema_only_fp16_op(uint32_t version) {
 
 OrtCustomOp g_op;       // float32 kernel, CPU
 OrtCustomOp g_op_fp16;  // schema-only float16 declaration
+OrtCustomOp g_qop;      // fips.QSparseMatMul (float32 A), CPU
 OrtCustomOpDomain* g_domain = nullptr;  // shared by all sessions, lives until process exit
 std::mutex g_mutex;
 
@@ -408,6 +630,8 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
       OrtCustomOpDomain* domain = nullptr;
       check(api, api->CreateCustomOpDomain("fips", &domain));
       check(api, api->CustomOpDomain_Add(domain, &g_op));
+      g_qop = make_qop(want);
+      check(api, api->CustomOpDomain_Add(domain, &g_qop));
       if (!std::getenv("FIPS_SPARSE_NO_FP16_SCHEMA")) {  // escape hatch, for tests/debugging
         g_op_fp16 = make_schema_only_fp16_op(want);
         check(api, api->CustomOpDomain_Add(domain, &g_op_fp16));

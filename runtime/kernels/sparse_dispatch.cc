@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "qsparse_kernels.h"
 #include "sparse_kernels.h"
 
 #ifndef FIPS_SOURCES_SHA256
@@ -154,6 +155,49 @@ void spmm_nt(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
     case kAvx2: return avx2::spmm_nt(V, A, T, Y, run);
 #endif
     default: return portable::spmm_nt(V, A, T, Y, run);
+  }
+}
+
+// ---- fips.QSparseMatMul (qsparse_kernels.h) --------------------------------------------------
+const char* check_quant_attrs(int64_t bits, int64_t group_size) {
+  if (bits != 4 && bits != 8) return "bits must be 4 or 8";
+  if (group_size < 0 || group_size > kMaxBits) return "group_size must be >= 0 and < 2**31";
+  return nullptr;
+}
+
+int64_t quant_code_bytes(int64_t bits, int64_t nnz) { return bits == 8 ? nnz : nnz / 2 + (nnz % 2); }
+
+int64_t quant_num_scales(int64_t rows, int64_t group_size, int64_t nnz) {
+  return group_size == 0 ? rows : nnz / group_size + (nnz % group_size != 0);
+}
+
+void qspmm_nn(const QSparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run) {
+  switch (level_or_throw()) {
+#if FIPS_X86_LEVELS
+    case kAvx512: return avx512::qspmm_nn(V, A, T, Y, run);
+    case kAvx2: return avx2::qspmm_nn(V, A, T, Y, run);
+#endif
+    default: return portable::qspmm_nn(V, A, T, Y, run);
+  }
+}
+
+void qspmm_nt(const QSparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& run) {
+  switch (level_or_throw()) {
+#if FIPS_X86_LEVELS
+    case kAvx512: return avx512::qspmm_nt(V, A, T, Y, run);
+    case kAvx2: return avx2::qspmm_nt(V, A, T, Y, run);
+#endif
+    default: return portable::qspmm_nt(V, A, T, Y, run);
+  }
+}
+
+void qdequantize(const QSparseMatrix& V, float* out, const TaskRunner& run) {
+  switch (level_or_throw()) {
+#if FIPS_X86_LEVELS
+    case kAvx512: return avx512::qdequantize(V, out, run);
+    case kAvx2: return avx2::qdequantize(V, out, run);
+#endif
+    default: return portable::qdequantize(V, out, run);
   }
 }
 

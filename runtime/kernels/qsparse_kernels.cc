@@ -1,0 +1,867 @@
+// fips.QSparseMatMul products straight from codes + scales + packed bitmask (see qsparse_kernels.h).
+//
+// Compiled once per kernel level, like sparse_kernels.cc (runtime/kernel_build.py): -DFIPS_KERNEL_LEVEL
+// = 0 (portable: scalar loops), 1 (AVX2 + FMA: 8-column mask steps, table-permute expand), 2 (AVX-512F:
+// 16-column steps, vexpandps from a register; the AVX2 loops where rows are not byte-aligned).
+// Everything is in the level's namespace and nothing runs at load (constexpr tables only).
+//
+// Decoding a mask step of the few-token kernels (n = popcount of the step's mask bits m, k = index
+// of the row's next kept entry):
+//   int8: load the next 16 (8) code bytes at codes + k, sign-extend to int32, convert to float
+//   int4: the 64 (32) bits from nibble k on (a 128-bit (64-bit) load at byte k >> 1 shifted by
+//         4 * (k & 1)), one 32-bit lane per nibble (variable shift + and), sign: (x ^ 8) - 8
+//   grouped scales (g > 0): lane i of the packed codes gets scales[(k + i) / g]: for g >= the step
+//         width a step spans at most two groups (a blend at the group boundary), else per lane
+//   x = expand(codes * scales, m) (the dense columns of the step), k += n
+// Loads may read past the row's kept entries (not past the array): rows whose loads could reach
+// the end of the codes array copy the step's bytes into a zeroed buffer first ("safe" rows: the
+// last few rows of V).
+#include "qsparse_kernels.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#ifndef FIPS_KERNEL_LEVEL
+#error "compile with -DFIPS_KERNEL_LEVEL=0|1|2 and the level's flags (see runtime/kernel_build.py)"
+#endif
+#if FIPS_KERNEL_LEVEL == 0
+#define FIPS_LEVEL_NS portable
+#define FIPS_HAVE_AVX2 0
+#define FIPS_HAVE_AVX512 0
+#elif FIPS_KERNEL_LEVEL == 1 || FIPS_KERNEL_LEVEL == 2
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__POPCNT__))
+#error "kernel levels 1 and 2 need -mavx2 -mfma -mpopcnt"
+#endif
+#include <immintrin.h>
+#define FIPS_HAVE_AVX2 1
+#if FIPS_KERNEL_LEVEL == 2
+#ifndef __AVX512F__
+#error "kernel level 2 needs -mavx512f"
+#endif
+#define FIPS_LEVEL_NS avx512
+#define FIPS_HAVE_AVX512 1
+#else
+#define FIPS_LEVEL_NS avx2
+#define FIPS_HAVE_AVX512 0
+#endif
+#else
+#error "FIPS_KERNEL_LEVEL must be 0 (portable), 1 (avx2) or 2 (avx512)"
+#endif
+
+#define FIPS_QINLINE inline __attribute__((always_inline))
+
+namespace fips {
+namespace FIPS_LEVEL_NS {
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline bool bit_at(const uint8_t* mask, uint64_t p) { return (mask[p >> 3] >> (p & 7)) & 1u; }
+
+template <class F>
+void run_tasks(const TaskRunner& runner, size_t n, F&& f) {
+  if (n == 0) return;
+  struct Tramp {
+    static void call(void* p, size_t i) { (*static_cast<F*>(p))(i); }
+  };
+  runner.run(n, &Tramp::call, static_cast<void*>(&f));
+}
+
+// Row boundaries of `parts` slices with about the same number of kept entries (multiples of
+// `align` rows); depends on the mask only (a fixed summation order for every thread count).
+[[maybe_unused]] std::vector<int64_t> balanced_rows(const MaskTables& t, int64_t parts, int64_t align) {
+  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
+  b[0] = 0;
+  for (int64_t k = 1; k < parts; ++k) {
+    const int64_t target = t.nnz * k / parts;
+    int64_t r = std::lower_bound(t.row_off.begin(), t.row_off.end(), target) - t.row_off.begin();
+    r = std::min(t.rows, (r + align / 2) / align * align);
+    b[k] = std::max(b[k - 1], r);
+  }
+  return b;
+}
+
+// Code of kept entry k and its scale (scalar; the portable level and the tails).
+inline int code_at(const QSparseMatrix& Q, int64_t k) {
+  if (Q.bits == 8) return static_cast<int8_t>(Q.codes[k]);
+  const unsigned b = Q.codes[k >> 1];
+  const int nib = static_cast<int>((k & 1) ? (b >> 4) : (b & 15u));
+  return (nib ^ 8) - 8;
+}
+inline float scale_at(const QSparseMatrix& Q, int64_t row, int64_t k) {
+  return Q.group_size == 0 ? Q.scales[row] : Q.scales[k / Q.group_size];
+}
+
+// Rows in [0, fast) may load 32 code entries (16 bytes of int8, 16 bytes of int4 from k >> 1)
+// past any of their kept entries without leaving the codes array.
+[[maybe_unused]] int64_t fast_rows(const QSparseMatrix& Q) {
+  const MaskTables& t = *Q.t;
+  int64_t fr = t.rows;
+  while (fr > 0 && t.row_off[fr] + 32 > t.nnz) --fr;
+  return fr;
+}
+
+// Segment-wise dequantization of kept entries [k0, k1) (constant scale per segment).
+template <class Seg>
+void for_segments(const QSparseMatrix& Q, int64_t k0, int64_t k1, Seg&& seg) {
+  const MaskTables& t = *Q.t;
+  if (k0 >= k1) return;
+  if (Q.group_size == 0) {
+    int64_t r = std::upper_bound(t.row_off.begin(), t.row_off.end(), k0) - t.row_off.begin() - 1;
+    for (int64_t k = k0; k < k1; ++r) {
+      const int64_t e = std::min(k1, t.row_off[r + 1]);
+      if (e > k) seg(k, e, Q.scales[r]);
+      k = std::max(k, e);
+    }
+  } else {
+    const int64_t g = Q.group_size;
+    for (int64_t k = k0; k < k1;) {
+      const int64_t e = std::min(k1, (k / g + 1) * g);
+      seg(k, e, Q.scales[k / g]);
+      k = e;
+    }
+  }
+}
+
+#if !FIPS_HAVE_AVX2
+// ------------------------------------------------------------------------------------
+// Portable scalar path (level 0).
+// ------------------------------------------------------------------------------------
+constexpr int64_t kTokenChunk = 64;
+
+void qnn_scalar(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols;
+  // column slices of 128 (the chunk table when there is one, else a walk of the row's prefix)
+  const int64_t nch = ceil_div(cols, kChunkCols), ntok = ceil_div(T, kTokenChunk);
+  run_tasks(runner, static_cast<size_t>(nch * ntok), [&](size_t task) {
+    const int64_t j = static_cast<int64_t>(task) % nch, tk = static_cast<int64_t>(task) / nch;
+    const int64_t c0 = j * kChunkCols, c1 = std::min(c0 + kChunkCols, cols);
+    const int64_t t0 = tk * kTokenChunk, t1 = std::min(t0 + kTokenChunk, T);
+    for (int64_t tt = t0; tt < t1; ++tt) std::fill(Y + tt * cols + c0, Y + tt * cols + c1, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (t.row_off[r + 1] == t.row_off[r]) continue;
+      const uint64_t base = static_cast<uint64_t>(r) * cols;
+      int64_t k = t.row_off[r];
+      if (t.nchunks == nch && !t.chunk_off.empty()) {
+        k += t.chunk_off[r * nch + j];
+      } else {
+        for (int64_t c = 0; c < c0; ++c) k += bit_at(Q.mask, base + c);
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        if (!bit_at(Q.mask, base + c)) continue;
+        const float val = static_cast<float>(code_at(Q, k)) * scale_at(Q, r, k);
+        ++k;
+        for (int64_t tt = t0; tt < t1; ++tt) Y[tt * cols + c] += A[tt * rows + r] * val;
+      }
+    }
+  });
+}
+
+void qnt_scalar(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols;
+  const int64_t rc = std::max<int64_t>(8, std::min<int64_t>(64, ceil_div(rows, 8)));
+  const int64_t nrc = ceil_div(rows, rc), ntok = ceil_div(T, kTokenChunk);
+  run_tasks(runner, static_cast<size_t>(nrc * ntok), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) % nrc, tk = static_cast<int64_t>(task) / nrc;
+    const int64_t r0 = i * rc, r1 = std::min(r0 + rc, rows);
+    const int64_t t0 = tk * kTokenChunk, t1 = std::min(t0 + kTokenChunk, T);
+    for (int64_t tt = t0; tt < t1; ++tt) {
+      const float* a = A + tt * cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t k = t.row_off[r];
+        const uint64_t base = static_cast<uint64_t>(r) * cols;
+        float s = 0.0f;
+        for (int64_t c = 0; c < cols; ++c)
+          if (bit_at(Q.mask, base + c)) {
+            s += static_cast<float>(code_at(Q, k)) * scale_at(Q, r, k) * a[c];
+            ++k;
+          }
+        Y[tt * rows + r] = s;
+      }
+    }
+  });
+}
+
+void dequant_range(const QSparseMatrix& Q, int64_t k0, int64_t k1, float* out) {
+  for_segments(Q, k0, k1, [&](int64_t a, int64_t b, float s) {
+    for (int64_t k = a; k < b; ++k) out[k] = static_cast<float>(code_at(Q, k)) * s;
+  });
+}
+#endif  // !FIPS_HAVE_AVX2
+
+#if FIPS_HAVE_AVX2
+// ------------------------------------------------------------------------------------
+// AVX2 + FMA (8-column steps); also the unaligned-row path of the AVX-512 level.
+// ------------------------------------------------------------------------------------
+struct ExpandLut {
+  alignas(64) int8_t idx[256][8] = {};
+  constexpr ExpandLut() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j)
+        idx[m][j] = ((m >> j) & 1) ? static_cast<int8_t>(0x80 | k++) : static_cast<int8_t>(0);
+    }
+  }
+};
+constexpr ExpandLut g_qlut{};
+
+FIPS_QINLINE __m256i lanes_lt8(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+FIPS_QINLINE __m256 expand8(__m256 raw, unsigned m) {
+  const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(g_qlut.idx[m])));
+  const __m256 p = _mm256_permutevar8x32_ps(raw, idx);
+  return _mm256_blendv_ps(_mm256_setzero_ps(), p, _mm256_castsi256_ps(idx));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+FIPS_QINLINE unsigned bits8(const uint8_t* mask, size_t nbytes, uint64_t p) {
+  const size_t b = static_cast<size_t>(p >> 3);
+  const unsigned sh = static_cast<unsigned>(p & 7);
+  unsigned v = mask[b];
+  if (sh) {
+    v >>= sh;
+    if (b + 1 < nbytes) v |= static_cast<unsigned>(mask[b + 1]) << (8 - sh);
+  }
+  return v & 0xFFu;
+}
+inline unsigned low_bits(int n) { return n >= 8 ? 0xFFu : ((1u << n) - 1u); }
+
+// The bytes a step of n codes from entry k reads, copied into a zeroed 16-byte buffer (safe rows).
+FIPS_QINLINE const uint8_t* safe_copy(const QSparseMatrix& Q, int64_t k, int n, uint8_t* buf) {
+  std::memset(buf, 0, 32);
+  if (n <= 0) return buf;
+  if (Q.bits == 8) {
+    std::memcpy(buf, Q.codes + k, static_cast<size_t>(n));
+  } else {
+    const int64_t b0 = k >> 1, b1 = (k + n - 1) >> 1;
+    std::memcpy(buf, Q.codes + b0, static_cast<size_t>(b1 - b0 + 1));
+  }
+  return buf;
+}
+
+// 8 codes from entry k as floats (lanes >= n: whatever the bytes hold; expand drops them).
+template <int BITS, bool SAFE>
+FIPS_QINLINE __m256 codes8(const QSparseMatrix& Q, int64_t k, int n) {
+  alignas(32) uint8_t buf[32];
+  if (BITS == 8) {
+    const uint8_t* p = SAFE ? safe_copy(Q, k, n, buf) : Q.codes + k;
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  } else {
+    const uint8_t* p = SAFE ? safe_copy(Q, k, n, buf) : Q.codes + (k >> 1);
+    uint64_t w;
+    std::memcpy(&w, p, sizeof(w));
+    const uint32_t q = static_cast<uint32_t>(w >> ((k & 1) * 4));
+    const __m256i v = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(q)), _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 28));
+  }
+}
+
+// Group-scale cursor of one row (g > 0): group index gi and position gr inside it of entry k.
+struct GroupCursor {
+  int64_t gi = 0, gr = 0;
+  void start(int64_t k, int64_t g) {
+    gi = k / g;
+    gr = k - gi * g;
+  }
+  // a step of n <= W entries; g >= W: at most one group boundary (branch-free), else divide
+  template <int W>
+  FIPS_QINLINE void advance(int n, int64_t g) {
+    gr += n;
+    if (g >= W) {
+      const int64_t over = gr >= g;
+      gr -= over * g;
+      gi += over;
+    } else if (gr >= g) {
+      gi += gr / g;
+      gr %= g;
+    }
+  }
+};
+
+// Scales of the 8 packed lanes of a step from entry k (lanes >= n arbitrary but in range).
+FIPS_QINLINE __m256 scales8(const QSparseMatrix& Q, const GroupCursor& gc, int64_t k, int n) {
+  const int64_t g = Q.group_size;
+  if (g >= 8) {
+    const __m256 s0 = _mm256_set1_ps(Q.scales[gc.gi]);
+    const __m256 s1 = _mm256_set1_ps(Q.scales[std::min(gc.gi + 1, Q.nscales - 1)]);
+    const __m256i ge = _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(static_cast<int>(g - gc.gr) - 1));
+    return _mm256_blendv_ps(s0, s1, _mm256_castsi256_ps(ge));
+  }
+  alignas(32) float s[8];
+  for (int i = 0; i < 8; ++i) s[i] = Q.scales[std::min((k + std::min(i, std::max(n - 1, 0))) / g, Q.nscales - 1)];
+  return _mm256_load_ps(s);
+}
+
+template <bool ALIGNED>
+struct RowBits {
+  const uint8_t* mask;
+  size_t nbytes;
+  uint64_t base;
+  const uint8_t* row;
+  RowBits(const uint8_t* m, size_t nb, uint64_t b) : mask(m), nbytes(nb), base(b), row(m + (b >> 3)) {}
+  unsigned operator()(int64_t c) const { return ALIGNED ? row[c >> 3] : bits8(mask, nbytes, base + c); }
+};
+
+// transB = 0, one row r of V into TT output rows of P: P[tt, :] += a[tt] * V[r, :].
+template <int BITS, int TT, bool GROUPED, bool ALIGNED, bool SAFE>
+void qnn8_row(const QSparseMatrix& Q, const float* A, float* P, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols, cfull = cols & ~int64_t(7);
+  const int ntail = static_cast<int>(cols - cfull);
+  const uint64_t base = static_cast<uint64_t>(r) * cols;
+  const RowBits<ALIGNED> bits(Q.mask, Q.mask_bytes, base);
+  int64_t k = t.row_off[r];
+  GroupCursor gc;
+  if (GROUPED) gc.start(k, Q.group_size);
+  const float rs = GROUPED ? 1.0f : Q.scales[r];
+  __m256 a[TT];
+  #pragma GCC unroll 16
+  for (int tt = 0; tt < TT; ++tt) a[tt] = _mm256_set1_ps(A[tt * rows + r] * rs);
+  for (int64_t c = 0; c < cfull; c += 8) {
+    const unsigned m = bits(c);
+    const int n = __builtin_popcount(m);
+    __m256 raw = codes8<BITS, SAFE>(Q, k, n);
+    if (GROUPED) {
+      raw = _mm256_mul_ps(raw, scales8(Q, gc, k, n));
+      gc.advance<8>(n, Q.group_size);
+    }
+    k += n;
+    const __m256 x = expand8(raw, m);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = P + tt * cols + c;
+      _mm256_storeu_ps(y, _mm256_fmadd_ps(a[tt], x, _mm256_loadu_ps(y)));
+    }
+  }
+  if (ntail) {
+    const unsigned m = bits8(Q.mask, Q.mask_bytes, base + cfull) & low_bits(ntail);
+    const int n = __builtin_popcount(m);
+    __m256 raw = codes8<BITS, true>(Q, k, n);
+    if (GROUPED) raw = _mm256_mul_ps(raw, scales8(Q, gc, k, n));
+    const __m256 x = expand8(raw, m);
+    const __m256i lanes = lanes_lt8(ntail);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = P + tt * cols + cfull;
+      _mm256_maskstore_ps(y, lanes, _mm256_fmadd_ps(a[tt], x, _mm256_maskload_ps(y, lanes)));
+    }
+  }
+}
+
+// transB = 1, one row r of V with TB token rows of A: Y[tt, r] = V[r, :] . A[tt, :].
+template <int BITS, int TB, bool GROUPED, bool ALIGNED, bool SAFE>
+void qnt8_row(const QSparseMatrix& Q, const float* A, float* Y, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols, cfull = cols & ~int64_t(7);
+  const uint64_t base = static_cast<uint64_t>(r) * cols;
+  const RowBits<ALIGNED> bits(Q.mask, Q.mask_bytes, base);
+  int64_t k = t.row_off[r];
+  GroupCursor gc;
+  if (GROUPED) gc.start(k, Q.group_size);
+  __m256 acc[TB];
+  #pragma GCC unroll 16
+  for (int tt = 0; tt < TB; ++tt) acc[tt] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c < cfull; c += 8) {
+    const unsigned m = bits(c);
+    const int n = __builtin_popcount(m);
+    __m256 raw = codes8<BITS, SAFE>(Q, k, n);
+    if (GROUPED) {
+      raw = _mm256_mul_ps(raw, scales8(Q, gc, k, n));
+      gc.advance<8>(n, Q.group_size);
+    }
+    k += n;
+    const __m256 x = expand8(raw, m);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) acc[tt] = _mm256_fmadd_ps(x, _mm256_loadu_ps(A + tt * cols + c), acc[tt]);
+  }
+  if (c < cols) {
+    const int nt = static_cast<int>(cols - c);
+    const unsigned m = bits8(Q.mask, Q.mask_bytes, base + c) & low_bits(nt);
+    const int n = __builtin_popcount(m);
+    __m256 raw = codes8<BITS, true>(Q, k, n);
+    if (GROUPED) raw = _mm256_mul_ps(raw, scales8(Q, gc, k, n));
+    const __m256 x = expand8(raw, m);
+    const __m256i lanes = lanes_lt8(nt);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) acc[tt] = _mm256_fmadd_ps(x, _mm256_maskload_ps(A + tt * cols + c, lanes), acc[tt]);
+  }
+  const float rs = GROUPED ? 1.0f : Q.scales[r];
+  #pragma GCC unroll 16
+  for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r] = hsum8(acc[tt]) * rs;
+}
+
+#if FIPS_HAVE_AVX512
+// ------------------------------------------------------------------------------------
+// AVX-512F (16-column steps, rows byte-aligned: cols % 8 == 0).
+// ------------------------------------------------------------------------------------
+FIPS_QINLINE __mmask16 bits16(const uint8_t* row, int64_t c) {
+  uint16_t v;
+  std::memcpy(&v, row + (c >> 3), sizeof(v));
+  return static_cast<__mmask16>(v);
+}
+
+template <int BITS, bool SAFE>
+FIPS_QINLINE __m512 codes16(const QSparseMatrix& Q, int64_t k, int n) {
+  alignas(32) uint8_t buf[32];
+  if (BITS == 8) {
+    const uint8_t* p = SAFE ? safe_copy(Q, k, n, buf) : Q.codes + k;
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    const uint8_t* p = SAFE ? safe_copy(Q, k, n, buf) : Q.codes + (k >> 1);
+    uint64_t w0, w1;
+    std::memcpy(&w0, p, 8);
+    std::memcpy(&w1, p + 8, 8);
+    const unsigned sh = static_cast<unsigned>(k & 1) * 4;
+    // 64 bits from nibble k: w0 >> sh with the low nibble of w1 on top when sh == 4
+    const uint64_t q = (w0 >> sh) | ((w1 << (63 - sh)) << 1);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(q))),
+                                            _mm256_set1_epi32(static_cast<int>(q >> 32)), 1);
+    // nibble j of each half to the top of lane j, then an arithmetic shift: the sign-extended code
+    const __m512i sv = _mm512_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(both, sv), 28));
+  }
+}
+
+FIPS_QINLINE __m512 scales16(const QSparseMatrix& Q, const GroupCursor& gc, int64_t k, int n) {
+  const int64_t g = Q.group_size;
+  if (g >= 16) {
+    const __m512 s0 = _mm512_set1_ps(Q.scales[gc.gi]);
+    const __m512 s1 = _mm512_set1_ps(Q.scales[std::min(gc.gi + 1, Q.nscales - 1)]);
+    const __mmask16 ge = _mm512_cmpge_epi32_mask(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(g - gc.gr)));
+    return _mm512_mask_blend_ps(ge, s0, s1);
+  }
+  alignas(64) float s[16];
+  for (int i = 0; i < 16; ++i) s[i] = Q.scales[std::min((k + std::min(i, std::max(n - 1, 0))) / g, Q.nscales - 1)];
+  return _mm512_load_ps(s);
+}
+
+// One step's dense 16 columns of row cursor i.
+template <int BITS, bool GROUPED, bool SAFE>
+FIPS_QINLINE __m512 step16(const QSparseMatrix& Q, __mmask16 m, int64_t& k, GroupCursor& gc) {
+  const int n = __builtin_popcount(static_cast<unsigned>(m));
+  __m512 raw = codes16<BITS, SAFE>(Q, k, n);
+  if (GROUPED) {
+    raw = _mm512_mul_ps(raw, scales16(Q, gc, k, n));
+    gc.advance<16>(n, Q.group_size);
+  }
+  k += n;
+  return _mm512_maskz_expand_ps(m, raw);
+}
+
+// transB = 0: P[tt, :] += sum over rows r..r+NR-1 of a[tt][i] * V[r + i, :].
+template <int BITS, int TT, int NR, bool GROUPED, bool SAFE>
+void qnn16_block(const QSparseMatrix& Q, const float* A, float* P, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols, c16 = cols & ~int64_t(15);
+  const uint8_t* mk[NR];
+  int64_t k[NR];
+  GroupCursor gc[NR];
+  __m512 a[TT][NR];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    mk[i] = Q.mask + ((static_cast<uint64_t>(r + i) * cols) >> 3);
+    k[i] = t.row_off[r + i];
+    if (GROUPED) gc[i].start(k[i], Q.group_size);
+    const float rs = GROUPED ? 1.0f : Q.scales[r + i];
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) a[tt][i] = _mm512_set1_ps(A[tt * rows + r + i] * rs);
+  }
+  for (int64_t c = 0; c < c16; c += 16) {
+    __m512 x[NR];
+    #pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) x[i] = step16<BITS, GROUPED, SAFE>(Q, bits16(mk[i], c), k[i], gc[i]);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = P + tt * cols + c;
+      __m512 acc = _mm512_fmadd_ps(a[tt][0], x[0], _mm512_loadu_ps(y));
+      #pragma GCC unroll 16
+      for (int i = 1; i < NR; ++i) acc = _mm512_fmadd_ps(a[tt][i], x[i], acc);
+      _mm512_storeu_ps(y, acc);
+    }
+  }
+  if (c16 < cols) {  // the last 8 columns (cols % 16 == 8)
+    __m512 x[NR];
+    #pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i)
+      x[i] = step16<BITS, GROUPED, true>(Q, static_cast<__mmask16>(mk[i][c16 >> 3]), k[i], gc[i]);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) {
+      float* y = P + tt * cols + c16;
+      __m512 acc = _mm512_fmadd_ps(a[tt][0], x[0], _mm512_maskz_loadu_ps(0xFF, y));
+      #pragma GCC unroll 16
+      for (int i = 1; i < NR; ++i) acc = _mm512_fmadd_ps(a[tt][i], x[i], acc);
+      _mm512_mask_storeu_ps(y, 0xFF, acc);
+    }
+  }
+}
+
+// transB = 1: Y[tt, r + i] = V[r + i, :] . A[tt, :] for NR rows, TB tokens.
+template <int BITS, int TB, int NR, bool GROUPED, bool SAFE>
+void qnt16_block(const QSparseMatrix& Q, const float* A, float* Y, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols, c16 = cols & ~int64_t(15);
+  const uint8_t* mk[NR];
+  int64_t k[NR];
+  GroupCursor gc[NR];
+  __m512 acc[NR][TB];
+  #pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    mk[i] = Q.mask + ((static_cast<uint64_t>(r + i) * cols) >> 3);
+    k[i] = t.row_off[r + i];
+    if (GROUPED) gc[i].start(k[i], Q.group_size);
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < c16; c += 16) {
+    __m512 av[TB];
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) av[tt] = _mm512_loadu_ps(A + tt * cols + c);
+    #pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      const __m512 x = step16<BITS, GROUPED, SAFE>(Q, bits16(mk[i], c), k[i], gc[i]);
+      #pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_fmadd_ps(x, av[tt], acc[i][tt]);
+    }
+  }
+  if (c16 < cols) {
+    __m512 av[TB];
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) av[tt] = _mm512_maskz_loadu_ps(0xFF, A + tt * cols + c16);
+    #pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      const __m512 x = step16<BITS, GROUPED, true>(Q, static_cast<__mmask16>(mk[i][c16 >> 3]), k[i], gc[i]);
+      #pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_fmadd_ps(x, av[tt], acc[i][tt]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    const float rs = GROUPED ? 1.0f : Q.scales[r + i];
+    #pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r + i] = _mm512_reduce_add_ps(acc[i][tt]) * rs;
+  }
+}
+
+// ---- AVX-512 VBMI2 (+BW), int8 codes with per-row scales, cols % 64 == 0 ---------------------------
+// One 64-column step per row: a 64-bit mask load and one vpexpandb (expand-load of the popcount code
+// bytes straight to the lanes of their columns: it never reads past the row's codes), stored to a
+// 64-byte buffer and converted 16 at a time (vpmovsxbd from memory, vcvtdq2ps). Per kept code this
+// takes about half the shuffle-port work of the AVX-512F step (vpmovsxbd + vexpandps per 16 columns),
+// which is what bounds the F kernel. Chosen at run time where the CPU has VBMI2 and BW
+// (FIPS_QSPARSE_NO_VBMI2=1 keeps the F kernel; the tests run both).
+#define FIPS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
+
+bool use_vbmi2() {
+  static const bool ok = [] {
+    const char* e = std::getenv("FIPS_QSPARSE_NO_VBMI2");
+    if (e && e[0] && std::strcmp(e, "0") != 0) return false;
+    const char* lacks = std::getenv("FIPS_SPARSE_TEST_CPU_LACKS");
+    if (lacks && std::strstr(lacks, "avx512vbmi2")) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bw");
+  }();
+  return ok;
+}
+
+template <int TT, int NR>
+FIPS_VBMI2 void qnn64_i8_block(const QSparseMatrix& Q, const float* A, float* P, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols;
+  const uint8_t* mk[NR];
+  const uint8_t* cp[NR];
+  __m512 a[TT][NR];
+  alignas(64) int8_t buf[NR][64];
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    mk[i] = Q.mask + ((static_cast<uint64_t>(r + i) * cols) >> 3);
+    cp[i] = Q.codes + t.row_off[r + i];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) a[tt][i] = _mm512_set1_ps(A[tt * rows + r + i] * Q.scales[r + i]);
+  }
+  for (int64_t c = 0; c < cols; c += 64) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      uint64_t m;
+      std::memcpy(&m, mk[i] + (c >> 3), sizeof(m));
+      _mm512_store_si512(reinterpret_cast<__m512i*>(buf[i]), _mm512_maskz_expandloadu_epi8(m, cp[i]));
+      cp[i] += __builtin_popcountll(m);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m512 x[NR];
+#pragma GCC unroll 16
+      for (int i = 0; i < NR; ++i)
+        x[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(buf[i] + 16 * q))));
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TT; ++tt) {
+        float* y = P + tt * cols + c + 16 * q;
+        __m512 acc = _mm512_fmadd_ps(a[tt][0], x[0], _mm512_loadu_ps(y));
+#pragma GCC unroll 16
+        for (int i = 1; i < NR; ++i) acc = _mm512_fmadd_ps(a[tt][i], x[i], acc);
+        _mm512_storeu_ps(y, acc);
+      }
+    }
+  }
+}
+
+template <int TB, int NR>
+FIPS_VBMI2 void qnt64_i8_block(const QSparseMatrix& Q, const float* A, float* Y, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols;
+  const uint8_t* mk[NR];
+  const uint8_t* cp[NR];
+  __m512 acc[NR][TB];
+  alignas(64) int8_t buf[NR][64];
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    mk[i] = Q.mask + ((static_cast<uint64_t>(r + i) * cols) >> 3);
+    cp[i] = Q.codes + t.row_off[r + i];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < cols; c += 64) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      uint64_t m;
+      std::memcpy(&m, mk[i] + (c >> 3), sizeof(m));
+      _mm512_store_si512(reinterpret_cast<__m512i*>(buf[i]), _mm512_maskz_expandloadu_epi8(m, cp[i]));
+      cp[i] += __builtin_popcountll(m);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m512 av[TB];
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt) av[tt] = _mm512_loadu_ps(A + tt * cols + c + 16 * q);
+#pragma GCC unroll 16
+      for (int i = 0; i < NR; ++i) {
+        const __m512 x =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(buf[i] + 16 * q))));
+#pragma GCC unroll 16
+        for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_fmadd_ps(x, av[tt], acc[i][tt]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r + i] = _mm512_reduce_add_ps(acc[i][tt]) * Q.scales[r + i];
+}
+#endif  // FIPS_HAVE_AVX512
+
+// Rows [r0, r1) of V, TT tokens (TT <= 4), into P [TT, cols] (overwritten): transB = 0.
+template <int BITS, int TT, bool GROUPED, bool ALIGNED>
+void qnn_rows(const QSparseMatrix& Q, const float* A, float* P, int64_t r0, int64_t r1, int64_t fast) {
+  const MaskTables& t = *Q.t;
+  std::fill(P, P + TT * t.cols, 0.0f);
+  int64_t r = r0;
+#if FIPS_HAVE_AVX512
+  if constexpr (BITS == 8 && !GROUPED && ALIGNED) {
+    if (t.cols % 64 == 0 && use_vbmi2()) {
+      for (; r + 4 <= r1; r += 4)
+        if (t.row_off[r + 4] != t.row_off[r]) qnn64_i8_block<TT, 4>(Q, A, P, r);
+      for (; r < r1; ++r)
+        if (t.row_off[r + 1] != t.row_off[r]) qnn64_i8_block<TT, 1>(Q, A, P, r);
+      return;
+    }
+  }
+  if (ALIGNED) {
+    for (; r + 4 <= r1; r += 4) {
+      if (t.row_off[r + 4] == t.row_off[r]) continue;
+      if (r + 4 <= fast) qnn16_block<BITS, TT, 4, GROUPED, false>(Q, A, P, r);
+      else break;
+    }
+    for (; r < r1; ++r) {
+      if (t.row_off[r + 1] == t.row_off[r]) continue;
+      if (r < fast) qnn16_block<BITS, TT, 1, GROUPED, false>(Q, A, P, r);
+      else qnn16_block<BITS, TT, 1, GROUPED, true>(Q, A, P, r);
+    }
+    return;
+  }
+#endif
+  for (; r < r1; ++r) {
+    if (t.row_off[r + 1] == t.row_off[r]) continue;
+    if (r < fast) qnn8_row<BITS, TT, GROUPED, ALIGNED, false>(Q, A, P, r);
+    else qnn8_row<BITS, TT, GROUPED, ALIGNED, true>(Q, A, P, r);
+  }
+}
+
+template <int BITS, int TB, bool GROUPED, bool ALIGNED>
+void qnt_rows(const QSparseMatrix& Q, const float* A, float* Y, int64_t r0, int64_t r1, int64_t fast) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows;
+  int64_t r = r0;
+  auto zero_rows = [&](int64_t a, int64_t b) {
+    for (int tt = 0; tt < TB; ++tt) std::fill(Y + tt * rows + a, Y + tt * rows + b, 0.0f);
+  };
+#if FIPS_HAVE_AVX512
+  if constexpr (BITS == 8 && !GROUPED && ALIGNED) {
+    if (t.cols % 64 == 0 && use_vbmi2()) {
+      for (; r + 4 <= r1; r += 4) {
+        if (t.row_off[r + 4] == t.row_off[r]) zero_rows(r, r + 4);
+        else qnt64_i8_block<TB, 4>(Q, A, Y, r);
+      }
+      for (; r < r1; ++r) {
+        if (t.row_off[r + 1] == t.row_off[r]) zero_rows(r, r + 1);
+        else qnt64_i8_block<TB, 1>(Q, A, Y, r);
+      }
+      return;
+    }
+  }
+  if (ALIGNED) {
+    for (; r + 4 <= r1; r += 4) {
+      if (t.row_off[r + 4] == t.row_off[r]) {
+        zero_rows(r, r + 4);
+        continue;
+      }
+      if (r + 4 <= fast) qnt16_block<BITS, TB, 4, GROUPED, false>(Q, A, Y, r);
+      else break;
+    }
+    for (; r < r1; ++r) {
+      if (t.row_off[r + 1] == t.row_off[r]) zero_rows(r, r + 1);
+      else if (r < fast) qnt16_block<BITS, TB, 1, GROUPED, false>(Q, A, Y, r);
+      else qnt16_block<BITS, TB, 1, GROUPED, true>(Q, A, Y, r);
+    }
+    return;
+  }
+#endif
+  for (; r < r1; ++r) {
+    if (t.row_off[r + 1] == t.row_off[r]) zero_rows(r, r + 1);
+    else if (r < fast) qnt8_row<BITS, TB, GROUPED, ALIGNED, false>(Q, A, Y, r);
+    else qnt8_row<BITS, TB, GROUPED, ALIGNED, true>(Q, A, Y, r);
+  }
+}
+
+// Compile-time dispatch of (bits, group mode, alignment) for a callable taking the template args.
+template <template <int, int, bool, bool> class K, int TT, class... Args>
+void by_kind(const QSparseMatrix& Q, Args&&... args) {
+  const bool grouped = Q.group_size > 0, aligned = Q.t->cols % 8 == 0;
+  if (Q.bits == 8) {
+    if (grouped) aligned ? K<8, TT, true, true>::run(args...) : K<8, TT, true, false>::run(args...);
+    else aligned ? K<8, TT, false, true>::run(args...) : K<8, TT, false, false>::run(args...);
+  } else {
+    if (grouped) aligned ? K<4, TT, true, true>::run(args...) : K<4, TT, true, false>::run(args...);
+    else aligned ? K<4, TT, false, true>::run(args...) : K<4, TT, false, false>::run(args...);
+  }
+}
+
+template <int BITS, int TT, bool GROUPED, bool ALIGNED>
+struct NNRows {
+  static void run(const QSparseMatrix& Q, const float* A, float* P, int64_t r0, int64_t r1, int64_t fast) {
+    qnn_rows<BITS, TT, GROUPED, ALIGNED>(Q, A, P, r0, r1, fast);
+  }
+};
+template <int BITS, int TB, bool GROUPED, bool ALIGNED>
+struct NTRows {
+  static void run(const QSparseMatrix& Q, const float* A, float* Y, int64_t r0, int64_t r1, int64_t fast) {
+    qnt_rows<BITS, TB, GROUPED, ALIGNED>(Q, A, Y, r0, r1, fast);
+  }
+};
+
+template <template <int, int, bool, bool> class K>
+void by_tokens(int64_t tt, const QSparseMatrix& Q, const float* A, float* P, int64_t r0, int64_t r1, int64_t fast) {
+  switch (tt) {
+    case 1: by_kind<K, 1>(Q, Q, A, P, r0, r1, fast); break;
+    case 2: by_kind<K, 2>(Q, Q, A, P, r0, r1, fast); break;
+    case 3: by_kind<K, 3>(Q, Q, A, P, r0, r1, fast); break;
+    default: by_kind<K, 4>(Q, Q, A, P, r0, r1, fast); break;
+  }
+}
+
+constexpr int64_t kTokBlock = 4;  // tokens per register block of the fused kernels
+
+void qnn_simd(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols;
+  const int64_t fast = fast_rows(Q);
+  // rows split into nsplit slices (partial sums, added in slice order: deterministic)
+  const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(8, rows / 64));
+  const std::vector<int64_t> bound = balanced_rows(t, nsplit, 4);
+  std::vector<float> partial(static_cast<size_t>((nsplit - 1) * T * cols));
+  run_tasks(runner, static_cast<size_t>(nsplit), [&](size_t i) {
+    float* P = i == 0 ? Y : partial.data() + (i - 1) * T * cols;
+    for (int64_t t0 = 0; t0 < T; t0 += kTokBlock)
+      by_tokens<NNRows>(std::min(kTokBlock, T - t0), Q, A + t0 * rows, P + t0 * cols, bound[i], bound[i + 1], fast);
+  });
+  const int64_t n = T * cols;
+  for (int64_t i = 1; i < nsplit; ++i) {
+    const float* P = partial.data() + (i - 1) * n;
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(Y + k, _mm256_add_ps(_mm256_loadu_ps(Y + k), _mm256_loadu_ps(P + k)));
+    for (; k < n; ++k) Y[k] += P[k];
+  }
+}
+
+void qnt_simd(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols;
+  const int64_t fast = fast_rows(Q);
+  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>(16, ceil_div(rows, 32)));
+  const std::vector<int64_t> bound = balanced_rows(t, ntask, 4);
+  run_tasks(runner, static_cast<size_t>(ntask), [&](size_t i) {
+    for (int64_t t0 = 0; t0 < T; t0 += kTokBlock)
+      by_tokens<NTRows>(std::min(kTokBlock, T - t0), Q, A + t0 * cols, Y + t0 * rows, bound[i], bound[i + 1], fast);
+  });
+}
+
+void dequant_range(const QSparseMatrix& Q, int64_t k0, int64_t k1, float* out) {
+  for_segments(Q, k0, k1, [&](int64_t a, int64_t b, float s) {
+    const __m256 sv = _mm256_set1_ps(s);
+    int64_t k = a;
+    for (; k + 8 <= b && k + 32 <= Q.t->nnz; k += 8) {
+      const __m256 x = Q.bits == 8 ? codes8<8, false>(Q, k, 8) : codes8<4, false>(Q, k, 8);
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(x, sv));
+    }
+    for (; k < b; ++k) out[k] = static_cast<float>(code_at(Q, k)) * s;
+  });
+}
+#endif  // FIPS_HAVE_AVX2
+
+}  // namespace
+
+void qspmm_nn(const QSparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  if (T <= 0) return;
+#if FIPS_HAVE_AVX2
+  qnn_simd(V, A, T, Y, runner);
+#else
+  qnn_scalar(V, A, T, Y, runner);
+#endif
+}
+
+void qspmm_nt(const QSparseMatrix& V, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  if (T <= 0) return;
+#if FIPS_HAVE_AVX2
+  qnt_simd(V, A, T, Y, runner);
+#else
+  qnt_scalar(V, A, T, Y, runner);
+#endif
+}
+
+void qdequantize(const QSparseMatrix& V, float* out, const TaskRunner& runner) {
+  const int64_t nnz = V.t->nnz;
+  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>(16, nnz / 65536));
+  run_tasks(runner, static_cast<size_t>(ntask), [&](size_t i) {
+    const int64_t k0 = nnz * static_cast<int64_t>(i) / ntask, k1 = nnz * (static_cast<int64_t>(i) + 1) / ntask;
+    dequant_range(V, k0, k1, out);
+  });
+}
+
+}  // namespace FIPS_LEVEL_NS
+}  // namespace fips
