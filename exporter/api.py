@@ -22,10 +22,17 @@ from fips_rt.errors import FipsError
 from fips_rt.models import tokenizer_files
 
 from .report import ExportReport
-from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE
+from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE, Q_OP_TYPE
 from .writer import AUTO_EXTERNAL_BYTES, data_file_name, write_export
 
 DTYPES = ("fp32", "fp16")
+WEIGHTS = ("fp32", "fp16", "int8", "int4")
+QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits (the CLI offers 32 and 128)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# defaults per --weights (docs/export.md, "Quantized exports"): 4-bit needs small blocks for quality;
+# accuracy level 4 (int8 compute in MatMulNBits) is the fastest on x86 CPUs
+DEFAULT_BLOCK_SIZE = {"int8": 32, "int4": 32}
+DEFAULT_ACCURACY_LEVEL = 4
 MIN_OPSET = 17
 CONFIG_FILE = "fips_config.json"
 
@@ -134,10 +141,16 @@ def audit_graph(proto: onnx.ModelProto) -> dict:
         raw = t.raw_data
         if raw and len(raw) >= 4096:
             by_hash.setdefault(hashlib.sha1(raw).hexdigest(), []).append(t.name)
-    bases = sorted(n for n in inits if n.startswith("fips.basis."))
+    # one U per group: "fips.basis.N" (float), "fips.basis.N_Q8" (MatMulNBits of x·U); the transposed
+    # copies ("fips.basis.N.T", "fips.basis.N.T_Q8", for t·Uᵀ in quantized files) and scales are not bases
+    bases = sorted(n for n in inits if n.startswith("fips.basis.") and ".T" not in n and not n.endswith("_scales")
+                   and ".rowscale" not in n)
     return {
         "initializers": len(inits),
         "sparse_nodes": sum(1 for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE),
+        "qsparse_nodes": sum(1 for n in proto.graph.node if n.domain == DOMAIN and n.op_type == Q_OP_TYPE),
+        "matmul_nbits_nodes": sum(1 for n in proto.graph.node if n.op_type == "MatMulNBits"),
+        "gemm_nodes": sum(1 for n in proto.graph.node if n.op_type == "Gemm"),
         "bases": {b: consumers[b] for b in bases},
         "duplicate_initializers": [names for names in by_hash.values() if len(names) > 1],
         "transposed_initializers": sorted({n.input[0] for n in proto.graph.node
@@ -152,10 +165,10 @@ def _bytes_by_tag(proto: onnx.ModelProto, tags: dict[str, str]) -> dict[str, int
     return dict(out)
 
 
-def _config_json(proto, config, lm, out: Path, method: str, audit: dict, external: bool) -> dict:
+def _config_json(proto, config, lm, out: Path, method: str, audit: dict, external: bool, quant=None) -> dict:
     """The ``fips_config.json`` record, built as the typed contract (fips_rt.runtime.contract) the
     runtime reads strictly; ``write_contract``-style round trip so a writer bug fails here, not there."""
-    from fips_rt.runtime.contract import ExportContract, SparseOpInfo, TensorSpec
+    from fips_rt.runtime.contract import ExportContract, QuantizationInfo, SessionHints, SparseOpInfo, TensorSpec
 
     def io(values):
         return tuple(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
@@ -169,8 +182,12 @@ def _config_json(proto, config, lm, out: Path, method: str, audit: dict, externa
         name=str(lm.name), method=method, dtype=config.dtype, opset=int(config.opset),
         inputs=io(proto.graph.input), outputs=io(proto.graph.output),
         sparse_op=SparseOpInfo(domain=DOMAIN, op_type=OP_TYPE, version=DOMAIN_VERSION,
-                               nodes=int(audit["sparse_nodes"]), bases=len(audit["bases"])),
-        spec=config.contract_spec(), exporter=_versions())
+                               nodes=int(audit["sparse_nodes"]), bases=len(audit["bases"]),
+                               quantized_nodes=int(audit["qsparse_nodes"])),
+        spec=config.contract_spec(), exporter=_versions(),
+        quantization=quant or QuantizationInfo(weights=config.dtype),
+        # MatMulNBits files want onnxruntime's prepacking (its blocks repacked at load for its kernels)
+        session=SessionHints(prepacking=quant is not None and quant.matmul_nbits_nodes > 0))
     record = json.loads(json.dumps(contract.to_json(), default=str))
     ExportContract.from_json(record)  # the runtime's strict reader accepts what was written
     return record
@@ -191,9 +208,38 @@ def _validate(path: Path, config) -> list:
 
 
 # ---------------------------------------------------------------------- entry point
-def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset: int = 18,
+def resolve_weights(weights: str | None, dtype: str | None, block_size: int | None,
+                    accuracy_level: int | None) -> tuple[str, str, int | None, int | None]:
+    """(weights, dtype, block_size, accuracy_level) from the user's options, or a one-line FipsError."""
+    if weights is None:
+        weights = dtype or "fp32"
+    if weights not in WEIGHTS:
+        raise FipsError(f"weights must be one of {', '.join(WEIGHTS)} (got {weights!r}).")
+    if dtype is not None and dtype not in DTYPES:
+        raise FipsError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r}).")
+    if weights in ("fp32", "fp16"):
+        if dtype is not None and dtype != weights:
+            raise FipsError(f"--dtype {dtype} contradicts --weights {weights}; give one of them.")
+        if block_size is not None or accuracy_level is not None:
+            raise FipsError(f"--block-size and --accuracy-level apply to --weights int8/int4, not {weights}.")
+        return weights, weights, None, None
+    if dtype not in (None, "fp32"):
+        raise FipsError(f"--weights {weights} computes in fp32; --dtype {dtype} does not apply.")
+    block_size = DEFAULT_BLOCK_SIZE[weights] if block_size is None else block_size
+    accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    if isinstance(block_size, bool) or block_size not in QUANT_BLOCK_SIZES:
+        raise FipsError(f"block size must be one of {', '.join(map(str, QUANT_BLOCK_SIZES))} (got {block_size}).")
+    if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS:
+        raise FipsError(f"accuracy level must be one of {', '.join(map(str, ACCURACY_LEVELS))} "
+                        f"(got {accuracy_level}).")
+    return weights, "fp32", int(block_size), int(accuracy_level)
+
+
+def export(model, output_path: str | os.PathLike, *, dtype: str | None = None, opset: int = 18,
            last_logits_only: bool = False, verify: bool = True, external_data: bool | None = None,
-           checkpoint: str | None = None, log=None) -> ExportReport:
+           checkpoint: str | None = None, log=None, weights: str | None = None, block_size: int | None = None,
+           accuracy_level: int | None = None, sparse_group_size: int | None = None,
+           basis_accuracy_level: int | None = None, basis_weights: str = "fp32") -> ExportReport:
     """Export a dense or compressed model to ONNX; returns an :class:`ExportReport`.
 
     model: a ``LoadedModel``, an ``nn.Module`` of a supported family, a fips-rt ``model.pt`` (FiPS or
@@ -203,13 +249,19 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
         ``fips_config.json`` are written beside it.
     dtype: "fp32" or "fp16" (fp16 weights and compute; norms and softmax in fp32).
     last_logits_only: causal LMs return logits for the last position only ([batch, 1, vocab]).
-    verify: run the file in onnxruntime (CPU) against PyTorch and record per-output errors.
+    verify: run the file in onnxruntime (CPU) against PyTorch and record per-output errors (quantized
+        weights: a gross-error check with the tolerances of ``ExportConfig.QUANT_ATOL/QUANT_RTOL``).
+    weights: "fp32" / "fp16" (same as ``dtype``) or "int8" / "int4" (exporter/quantize.py: MatMulNBits by
+        onnxruntime's MatMulNBitsQuantizer with ``block_size`` and ``accuracy_level``, FiPS V through
+        fips.QSparseMatMul with ``sparse_group_size`` (None: sparse_op.DEFAULT_GROUP_SIZE), the FiPS basis
+        products x·U, t·Uᵀ in fp32 (``basis_weights="fp32"``, the default: measured, 8-bit U costs FiPS int8
+        ~4% perplexity, docs/export.md) or 8-bit MatMulNBits (``"int8"``) at ``basis_accuracy_level``
+        (None: ``accuracy_level``)).
     external_data: True/False to force; None = only when the weights exceed the 2 GB protobuf limit.
     """
     say = log or (lambda *_: None)
     t0 = time.time()
-    if dtype not in DTYPES:
-        raise FipsError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r}).")
+    weights, dtype, block_size, accuracy_level = resolve_weights(weights, dtype, block_size, accuracy_level)
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= int(opset) <= max_opset:
         raise FipsError(f"opset must lie between {MIN_OPSET} and {max_opset} (got {opset}).")
@@ -218,22 +270,52 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
     lm = _load(model, checkpoint)
     from .configs import config_for
     cfg_cls = config_for(lm)
-    config = cfg_cls(lm, dtype=dtype, opset=int(opset), last_logits_only=last_logits_only)
+    if basis_weights not in ("fp32", "int8"):
+        raise FipsError(f"basis weights must be fp32 or int8 (got {basis_weights!r}).")
+    config = cfg_cls(lm, dtype=dtype, opset=int(opset), last_logits_only=last_logits_only, weights=weights,
+                     sparse_group_size=sparse_group_size, basis_weights=basis_weights)
     if last_logits_only and config.kind != "causal-lm":
         raise FipsError("--last-logits-only applies to causal language models only.")
+    if config.quantized and not config.QUANTIZABLE:
+        raise FipsError(f"--weights {weights} is available for causal LMs and encoders; {cfg_cls.family} models "
+                        f"export with --weights fp32 or fp16.")
     method = _method(lm.model)
-    say(f"building the {cfg_cls.family} graph ({method}, {dtype}, opset {opset})")
+    say(f"building the {cfg_cls.family} graph ({method}, {weights}, opset {opset})")
     import torch
     from fips_rt.tempfiles import remove_stale_temporaries, temp_prefix
     remove_stale_temporaries(out)  # scratch folders of killed earlier runs
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out)) as scratch, torch.no_grad():
         proto, tags = config.build(Path(scratch))
+    quant = None
+    if config.quantized:
+        from fips_rt.runtime.contract import QuantizationInfo
+
+        from .quantize import quantize_model
+        say(f"quantizing with onnxruntime's MatMulNBitsQuantizer ({weights}, block {block_size}, "
+            f"accuracy level {accuracy_level})")
+        facts = config.build_facts
+        q = quantize_model(proto, tags, weights=weights, block_size=block_size, accuracy_level=accuracy_level,
+                           basis_nodes=facts.get("basis_nodes", set()), tied_head=facts.get("tied_head", {}),
+                           basis_accuracy_level=basis_accuracy_level, basis_weights=basis_weights)
+        proto, tags = q.proto, q.tags
+        for note in q.notes:
+            say(f"note: {note}")
+        qs = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == Q_OP_TYPE]
+        quant = QuantizationInfo(
+            weights=weights, block_size=block_size, accuracy_level=accuracy_level, embedding=q.embedding,
+            matmul_nbits_nodes=q.matmul_nbits_nodes,
+            basis_weights=(basis_weights if facts.get("bases") else None),
+            sparse_bits=(onnx.helper.get_attribute_value(next(a for a in qs[0].attribute if a.name == "bits"))
+                         if qs else None),
+            sparse_group_size=(onnx.helper.get_attribute_value(next(a for a in qs[0].attribute
+                                                                    if a.name == "group_size")) if qs else None),
+            quantizer=q.quantizer)
     t_build = time.time()
     audit = audit_graph(proto)
     bytes_by_tag = _bytes_by_tag(proto, tags)
     init_bytes = sum(bytes_by_tag.values())
     will_external = external_data if external_data is not None else init_bytes > AUTO_EXTERNAL_BYTES
-    side = _config_json(proto, config, lm, out, method, audit, will_external)
+    side = _config_json(proto, config, lm, out, method, audit, will_external, quant)
     sidecars = _tokenizer_files(lm.tokenizer)
     from .ecosystem import loader_files  # config.json, generation_config.json, genai_config.json (Optimum, genai)
     sidecars.update(loader_files(lm.model, side, sidecars))
@@ -253,10 +335,13 @@ def export(model, output_path: str | os.PathLike, *, dtype: str = "fp32", opset:
     report = ExportReport(output=out, files=written.files, kind=config.kind, family=cfg_cls.family, method=method,
                           dtype=dtype, opset=int(opset), external_data=written.data is not None,
                           file_bytes=written.bytes_on_disk, initializer_bytes=init_bytes, bytes_by_tag=bytes_by_tag,
-                          audit=audit)
+                          audit=audit, weights=weights, quantization=side.get("quantization", {}))
     if verify:
         say("checking parity with PyTorch in onnxruntime (CPU)")
         report.checks = _validate(out, config)
+        if config.quantized:
+            for c in report.checks:
+                c.mean_rtol = config.QUANT_MEAN_RTOL[weights]
         report.verified = True
     report.seconds = {"build": round(t_build - t0, 2), "write": round(t_write - t_build, 2),
                       "verify": round(time.time() - t_write, 2)}

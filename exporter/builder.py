@@ -15,9 +15,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE, sparse_matmul_function
+from .sparse_op import DOMAIN, DOMAIN_VERSION, OP_TYPE, Q_OP_TYPE, qsparse_matmul_function, sparse_matmul_function
 
 DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.T)
+
+
+def _node_of(output: str) -> str:
+    """The name of the node that produced ``output`` (GraphBuilder.op names outputs ``<node>_out<i>``)."""
+    return output.rsplit("_out", 1)[0]
 
 
 @dataclass
@@ -38,6 +47,16 @@ class GraphBuilder:
     tags: dict[str, str] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)  # per-graph caches (e.g. x·U per (input, basis))
     uses_sparse_op: bool = False
+    uses_qsparse_op: bool = False
+    # The quantizable form (``fips export --weights int8|int4``): every dense linear is ``MatMul(x, W^T)``
+    # with the [in, out] initializer onnxruntime.quantization's MatMulNBitsQuantizer expects (it skips
+    # Gemm), and FiPS V's go through fips.QSparseMatMul with ``sparse_bits``.
+    matmul_form: bool = False
+    sparse_bits: int | None = None
+    sparse_group_size: int | None = None
+    basis_float: bool = False  # quantizable form with float U: t·Uᵀ stays Gemm(transB=1) on the one stored U
+    # node names whose activations must never be quantized (the FiPS basis products x·U, t·U^T)
+    basis_nodes: set = field(default_factory=set)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -78,6 +97,35 @@ class GraphBuilder:
     def sparse_matmul(self, a: str, values: str, mask: str, rows: int, cols: int, trans_b: int) -> str:
         self.uses_sparse_op = True
         return self.op(OP_TYPE, [a, values, mask], domain=DOMAIN, rows=int(rows), cols=int(cols), transB=int(trans_b))
+
+    def qsparse_matmul(self, a: str, q, trans_b: int, name: str) -> str:
+        """``fips.QSparseMatMul`` of ``a`` with the quantized sparse V ``q`` (a
+        ``sparse_op.QuantizedSparse``); its codes, scales and mask become initializers ``name.*``."""
+        if self.float_type != TensorProto.FLOAT:
+            raise ValueError("fips.QSparseMatMul computes in fp32; quantized exports use fp32 activations")
+        self.uses_qsparse_op = True
+        qv = self.add_initializer(f"{name}.qvalues", q.qvalues)
+        sc = self.add_initializer(f"{name}.scales", np.asarray(q.scales, np.float32))
+        mk = self.add_initializer(f"{name}.mask", q.mask)
+        return self.op(Q_OP_TYPE, [a, qv, sc, mk], domain=DOMAIN, rows=int(q.rows), cols=int(q.cols),
+                       transB=int(trans_b), bits=int(q.bits), group_size=int(q.group_size))
+
+    def matmul_t(self, x: str, tensor, name: str, bias: str | None = None, *, basis: bool = False) -> str:
+        """x @ W^T for a stored [out, in] weight as ``MatMul(x, W^T)``: the initializer is the transposed
+        copy ``name.T`` ([in, out], once per tensor identity), the layout MatMulNBits quantizes.
+        ``basis``: a FiPS basis product (its activations are never quantized)."""
+        w = self.weight(tensor, f"{name}.T", transform=_transposed)
+        y = self.op("MatMul", [x, w])
+        if basis:
+            self.basis_nodes.add(_node_of(y))
+        return y if bias is None else self.op("Add", [y, bias])
+
+    def linear_weight(self, x: str, tensor, name: str, bias: str | None = None) -> str:
+        """A dense linear on a stored [out, in] weight: Gemm(transB=1) (the float default), or the
+        quantizable ``MatMul(x, W^T)`` form."""
+        if self.matmul_form:
+            return self.matmul_t(x, tensor, name, bias)
+        return self.gemm(x, self.weight(tensor, name), bias)
 
     # ------------------------------------------------------------------ tensors
     def add_initializer(self, name: str, array: np.ndarray, tag: str | None = None) -> str:
@@ -120,18 +168,27 @@ class GraphBuilder:
     def weight_rows(self, tensor, name: str) -> list[tuple[str, int, int]]:
         """A 2-D weight as row chunks: [(initializer, first row, rows), ...]; one chunk when small.
         Deduplicated by tensor identity like ``weight`` (a tied embedding is stored once)."""
-        key = ("rows", tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        key = self._rows_key(tensor)
         if key in self._by_identity:
             return self._by_identity[key]
+        bounds = self._row_bounds(tensor)
+        if len(bounds) == 1:
+            out = [(self.weight(tensor, name), 0, tensor.shape[0])]
+        else:
+            out = [(self.weight(tensor[r:r + n], f"{name}.rows{r}"), r, n) for r, n in bounds]
+        self._by_identity[key] = out
+        return out
+
+    @staticmethod
+    def _rows_key(tensor) -> tuple:
+        return ("rows", tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+
+    def _row_bounds(self, tensor) -> list[tuple[int, int]]:
+        """(first row, rows) of each chunk of at most CHUNK_BYTES of a 2-D weight."""
         rows, cols = tensor.shape
         itemsize = DTYPES[self.dtype][0]().itemsize
         per = max(1, self.CHUNK_BYTES // max(1, cols * itemsize))
-        if per >= rows:
-            out = [(self.weight(tensor, name), 0, rows)]
-        else:
-            out = [(self.weight(tensor[r:r + per], f"{name}.rows{r}"), r, min(per, rows - r)) for r in range(0, rows, per)]
-        self._by_identity[key] = out
-        return out
+        return [(r, min(per, rows - r)) for r in range(0, rows, per)]
 
     def gather_rows(self, chunks: list[tuple[str, int, int]], ids: str) -> str:
         """Gather(table, ids) over a row-chunked table: each chunk looks up the ids in its range."""
@@ -152,6 +209,28 @@ class GraphBuilder:
         if len(chunks) == 1:
             return self.gemm(x, chunks[0][0], bias)
         y = self.op("Concat", [self.gemm(x, init) for init, _, _ in chunks], axis=1)
+        return y if bias is None else self.op("Add", [y, bias])
+
+    def head_rows(self, x: str, tensor, name: str, bias: str | None = None) -> str:
+        """The LM head x @ W^T on a [vocab, d] weight, chunked by rows like ``weight_rows`` (so a tied
+        embedding and the head have the same chunks). Float form: Gemm on the stored chunks (the
+        embedding's own initializers when tied). Quantizable form: ``MatMul`` per chunk on its
+        transposed copy; each head chunk records the embedding chunk it is tied to
+        (``memo['tied_head']``: head initializer -> embedding initializer) so that, once quantized, the
+        embedding can read the head's MatMulNBits tensors instead of keeping a float table."""
+        if not self.matmul_form:
+            return self.gemm_rows(x, self.weight_rows(tensor, name), bias)
+        embedding = self._by_identity.get(self._rows_key(tensor))  # the tied embedding's chunks, if any
+        chunks = embedding or [(None, start, n) for start, n in self._row_bounds(tensor)]
+        tied = self.memo.setdefault("tied_head", {})
+        outs = []
+        for init, start, n in chunks:
+            part = tensor[start:start + n] if len(chunks) > 1 else tensor
+            y = self.matmul_t(x, part, f"{name}.rows{start}" if len(chunks) > 1 else name)
+            if init is not None:
+                tied[self.nodes[-1].input[1]] = init
+            outs.append(y)
+        y = outs[0] if len(outs) == 1 else self.op("Concat", outs, axis=1)
         return y if bias is None else self.op("Add", [y, bias])
 
     def const(self, value, dtype=None) -> str:
@@ -208,9 +287,12 @@ class GraphBuilder:
                                   list(self.initializers.values()))
         opsets = [helper.make_opsetid("", self.opset)]
         functions = []
-        if self.uses_sparse_op:
+        if self.uses_sparse_op or self.uses_qsparse_op:
             opsets.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+        if self.uses_sparse_op:
             functions.append(sparse_matmul_function(self.float_type, self.opset))
+        if self.uses_qsparse_op:
+            functions.append(qsparse_matmul_function(self.opset))
         model = helper.make_model(graph, opset_imports=opsets, functions=functions, producer_name="fips-rt",
                                   producer_version=__import__("fips_rt").__version__, doc_string=doc)
         model.ir_version = min(model.ir_version, 9)  # readable by onnxruntime >= 1.15

@@ -33,14 +33,38 @@ class ExportConfig:
     ATOL: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 2e-2}
     RTOL: ClassVar[dict[str, float]] = {"fp32": 1e-5, "fp16": 1e-2}
 
-    def __init__(self, lm, *, dtype: str, opset: int, last_logits_only: bool = False):
+    # quantized weights (fips export --weights int8|int4): the parity check against the float PyTorch model
+    # is a gross-error check (a wrong layout or node gives errors of the order of the logits themselves);
+    # the quality of a quantized file is measured by its perplexity (fips eval FILE.onnx)
+    # (pass iff mean |onnx - torch| <= QUANT_MEAN_RTOL * mean |torch| per output; report.OutputCheck)
+    # measured on SmolLM2 (worst output): FiPS int8 0.10 (0.29 with 8-bit U), FiPS int4 0.68; unrelated
+    # outputs of the same scale
+    # (a wrong layout or node) give ~1.4 (sqrt 2 for Gaussians)
+    QUANT_MEAN_RTOL: ClassVar[dict[str, float]] = {"int8": 0.4, "int4": 0.8}
+    QUANT_ATOL: ClassVar[dict[str, float]] = {"int8": 0.0, "int4": 0.0}  # (the max bound is not applied)
+    QUANT_RTOL: ClassVar[dict[str, float]] = {"int8": 0.0, "int4": 0.0}
+    # hand-built graphs have the quantizable MatMul form; the torch.onnx ones (timm ViTs) do not
+    QUANTIZABLE: ClassVar[bool] = True
+
+    def __init__(self, lm, *, dtype: str, opset: int, last_logits_only: bool = False, weights: str | None = None,
+                 sparse_group_size: int | None = None, basis_weights: str = "fp32"):
         self.lm = lm
         self.model = lm.model
         self.dtype = dtype
         self.opset = opset
         self.last_logits_only = last_logits_only
+        self.weights = weights or dtype
+        self.sparse_group_size = sparse_group_size
+        self.basis_weights = basis_weights
+        self.build_facts: dict = {}  # what the builder knew that quantization needs (basis nodes, tied head)
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in self.QUANT_ATOL
 
     def tol(self) -> tuple[float, float]:
+        if self.quantized:
+            return self.QUANT_ATOL[self.weights], self.QUANT_RTOL[self.weights]
         return self.ATOL[self.dtype], self.RTOL[self.dtype]
 
     def build(self, scratch: Path) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -54,8 +78,15 @@ class ExportConfig:
         """``build`` for the hand-built graphs: ``build_fn(builder, model, **kwargs)`` on a fresh
         GraphBuilder that knows the model's used FiPS basis directions."""
         b = GraphBuilder(self.dtype, self.opset)
+        if self.quantized:
+            b.matmul_form = True
+            b.sparse_bits = {"int8": 8, "int4": 4}[self.weights]
+            b.sparse_group_size = self.sparse_group_size
+            b.basis_float = self.basis_weights == "fp32"
         plan_fips(b, self.model)
         build_fn(b, self.model, **kwargs)
+        self.build_facts = {"basis_nodes": set(b.basis_nodes), "tied_head": dict(b.memo.get("tied_head", {})),
+                            "bases": len(b.memo.get("basis_names", {}))}
         return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
 
     def contract_spec(self):
@@ -247,6 +278,7 @@ class TimmConfig(ExportConfig):
 
     family = "vit"
     kind = "vit"
+    QUANTIZABLE = False  # built by torch.onnx (Gemm/MatMul layout not ours)
     ATOL = {"fp32": 1e-4, "fp16": 2e-2}
     RTOL = {"fp32": 1e-5, "fp16": 1e-2}
 

@@ -187,7 +187,7 @@ def build_causal_lm(b: GraphBuilder, model, *, family: str, last_logits_only: bo
             h = b.op("Reshape", [b.op("Slice", [h3, b.i64([-1]), b.i64([INT64_MAX]), b.i64([1])]), b.i64([-1, d])])
         head = model.get_output_embeddings()
         bias = None if getattr(head, "bias", None) is None else b.weight(head.bias, "lm_head.bias")
-        logits = b.gemm_rows(h, b.weight_rows(head.weight, "lm_head.weight"), bias)  # tied: the embedding chunks
+        logits = b.head_rows(h, head.weight, "lm_head.weight", bias)  # tied: the embedding chunks
         if final_cap:
             logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, b.fconst(final_cap)])]), b.fconst(final_cap)])
         if last_logits_only:

@@ -84,7 +84,11 @@ def _basis_name(b: GraphBuilder, basis) -> str:
         # the trimmed U goes in as a numpy array: GraphBuilder.weight deduplicates torch tensors by data
         # pointer, and a temporary tensor's memory can be reused by the next one
         U = basis.weight if keep is None else np.ascontiguousarray(basis.weight.detach().float().cpu().numpy()[:, keep])
-        names[key] = b.weight(U, f"fips.basis.{len(names)}", tag="mlp")
+        name = f"fips.basis.{len(names)}"
+        if b.matmul_form:  # keep the float U for the transposed copy of t·Uᵀ
+            b.memo.setdefault("basis_orig", {})[key] = (U.detach().float().cpu().numpy() if hasattr(U, "detach")
+                                                        else np.asarray(U, np.float32))
+        names[key] = b.weight(U, name, tag="mlp")
     return names[key]
 
 
@@ -107,7 +111,27 @@ def _basis_product(b: GraphBuilder, basis, x: str) -> str:
     key = (x, id(basis.weight))
     if key not in memo:
         memo[key] = b.op("MatMul", [x, _basis_name(b, basis)])
+        b.basis_nodes.add(memo[key].rsplit("_out", 1)[0])
     return memo[key]
+
+
+def _basis_t_product(b: GraphBuilder, basis, t: str) -> str:
+    """y = t · U^T. Float form: Gemm(transB=1) on U as stored. Quantizable form: MatMul on a second,
+    transposed copy of U ([r, d]): MatMulNBits blocks run along K, which is d for x·U and r here, so the
+    two products need two quantized layouts of U (int8: together half of one fp32 U)."""
+    if not b.matmul_form or b.basis_float:
+        y = b.gemm(t, _basis_name(b, basis))
+        b.basis_nodes.add(y.rsplit("_out", 1)[0])
+        return y
+    names = b.memo.setdefault("basis_t_names", {})
+    key = id(basis.weight)
+    if key not in names:
+        u = _basis_name(b, basis)
+        U = b.memo["basis_orig"][key]
+        names[key] = b.weight(np.ascontiguousarray(U.T), f"{u}.T", tag="mlp")
+    y = b.op("MatMul", [t, names[key]])
+    b.basis_nodes.add(y.rsplit("_out", 1)[0])
+    return y
 
 
 def _bias(b: GraphBuilder, y: str, module, path: str) -> str:
@@ -118,24 +142,33 @@ def _bias(b: GraphBuilder, y: str, module, path: str) -> str:
 
 def fips_linear(b: GraphBuilder, m: FipsLinear, x: str, path: str) -> str:
     values, mask, r, d_ff = _packed(b, m)
+    if b.sparse_bits:  # fips.QSparseMatMul: V's kept values quantized (exporter/sparse_op.quantize_sparse)
+        from .sparse_op import quantize_sparse
+        q = quantize_sparse(np.ascontiguousarray(values, dtype=np.float32), mask, r, d_ff, b.sparse_bits,
+                            b.sparse_group_size)
+        if m.orientation == "in":
+            y = b.qsparse_matmul(_basis_product(b, m.basis, x), q, 0, path)
+        else:
+            y = _basis_t_product(b, m.basis, b.qsparse_matmul(x, q, 1, path))
+        return _bias(b, y, m, path)
     v = b.weight(values, f"{path}.values")
     k = b.weight(mask, f"{path}.mask")
     if m.orientation == "in":
         y = b.sparse_matmul(_basis_product(b, m.basis, x), v, k, r, d_ff, 0)
     else:
         t = b.sparse_matmul(x, v, k, r, d_ff, 1)
-        y = b.gemm(t, _basis_name(b, m.basis))  # t [N, r] · U^T, U [d, r] as stored
+        y = _basis_t_product(b, m.basis, t)  # t [N, r] · U^T, U [d, r] as stored
     return _bias(b, y, m, path)
 
 
 def delta_linear(b: GraphBuilder, m: DeltaLinear, x: str, path: str) -> str:
     names = b.memo.setdefault("delta_shared", {})
     if id(m.shared) not in names:
-        names[id(m.shared)] = b.weight(m.shared, f"delta.shared.{len(names)}")
-    base = b.gemm(x, names[id(m.shared)])
+        names[id(m.shared)] = f"delta.shared.{len(names)}"
+    base = b.linear_weight(x, m.shared, names[id(m.shared)])  # one initializer per shared tensor (by identity)
     if m.rank == 0:  # an anchor block: the shared weight alone
         return _bias(b, base, m, path)
-    low = b.gemm(b.gemm(x, b.weight(m.B, f"{path}.B")), b.weight(m.A, f"{path}.A"))
+    low = b.linear_weight(b.linear_weight(x, m.B, f"{path}.B"), m.A, f"{path}.A")
     return _bias(b, b.op("Add", [base, low]), m, path)
 
 
@@ -148,7 +181,7 @@ def linear(b: GraphBuilder, module, x: str, path: str) -> str:
         return delta_linear(b, module, x, path)
     if isinstance(module, nn.Linear):
         bias = None if module.bias is None else b.weight(module.bias, f"{path}.bias")
-        return b.gemm(x, b.weight(module.weight, f"{path}.weight"), bias)
+        return b.linear_weight(x, module.weight, f"{path}.weight", bias)
     raise FipsError(f"Cannot export {type(module).__name__} at {path}: expected Linear, FipsLinear or DeltaLinear.")
 
 

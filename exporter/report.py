@@ -25,6 +25,10 @@ class OutputCheck:
     max_abs: float | None = None
     max_rel: float | None = None  # max |diff| / max |ref|
     ref_max: float | None = None
+    mean_rel: float | None = None  # mean |diff| / mean |ref|
+    # quantized weights (fips export --weights int8|int4): pass iff mean_rel <= mean_rtol instead of the
+    # max bound (a wrong layout or node gives mean_rel ~1, int8/int4 rounding a few % / tens of %)
+    mean_rtol: float | None = None
 
     @property
     def shape_ok(self) -> bool:
@@ -32,6 +36,8 @@ class OutputCheck:
 
     @property
     def value_ok(self) -> bool:
+        if self.mean_rtol is not None:
+            return self.mean_rel is not None and bool(np.isfinite(self.mean_rel)) and self.mean_rel <= self.mean_rtol
         return self.max_abs is not None and bool(np.isfinite(self.max_abs)) and \
             self.max_abs <= self.atol + self.rtol * (self.ref_max or 0.0)
 
@@ -54,11 +60,12 @@ def compare(step: str, name: str, ref: np.ndarray, got: np.ndarray, atol: float,
         valid = np.broadcast_to(valid, ref.shape)
         diff, scale = diff[valid], scale[valid]
     if diff.size == 0:
-        check.max_abs, check.ref_max, check.max_rel = 0.0, 0.0, 0.0
+        check.max_abs, check.ref_max, check.max_rel, check.mean_rel = 0.0, 0.0, 0.0, 0.0
         return check
     check.max_abs = float(np.nan_to_num(diff, nan=np.inf).max())
     check.ref_max = float(scale.max())
     check.max_rel = check.max_abs / max(check.ref_max, 1e-30)
+    check.mean_rel = float(np.nan_to_num(diff, nan=np.inf).mean() / max(float(scale.mean()), 1e-30))
     return check
 
 
@@ -79,6 +86,8 @@ class ExportReport:
     checks: list[OutputCheck] = field(default_factory=list)
     verified: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    weights: str | None = None  # fp32 / fp16 / int8 / int4 (fips export --weights)
+    quantization: dict = field(default_factory=dict)  # fips_config.json "quantization" (int8/int4)
 
     @property
     def mlp_bytes(self) -> int:
@@ -111,7 +120,11 @@ class ExportReport:
 
     def table(self) -> str:
         """A compact text table: one row per output kind and step (present.* layers folded into one row)."""
-        lines = [f"{self.output}  ({self.kind}/{self.family}, {self.method}, {self.dtype}, opset {self.opset}, "
+        w = self.weights or self.dtype
+        q = self.quantization or {}
+        if q.get("block_size"):
+            w += f" (block {q['block_size']}, accuracy level {q['accuracy_level']})"
+        lines = [f"{self.output}  ({self.kind}/{self.family}, {self.method}, weights {w}, opset {self.opset}, "
                  f"{self.file_bytes / 1e6:.1f} MB{', external data' if self.external_data else ''})"]
         if not self.verified:
             lines.append("parity: not verified (--no-verify)")

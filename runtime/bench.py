@@ -94,6 +94,10 @@ class ModelBench:
     provider: str | None = None
     threads: int | None = None
     spinning: bool | None = None
+    prepacking: bool | None = None          # onnxruntime weight prepacking this side ran with
+    prepacking_source: str | None = None    # "contract" (auto), "user" (--prepacking on/off) or "default"
+    session_options: dict[str, Any] = field(default_factory=dict)  # the session options this side ran with
+    weights: str | None = None              # the export's weight format (fips_config.json quantization.weights)
     load_s: float | None = None
     rss_before_mb: float | None = None
     rss_after_load_mb: float | None = None
@@ -275,12 +279,20 @@ def run_worker(spec: dict) -> dict:
         t0 = time.perf_counter()
         model = Model.load(spec["path"], threads=spec.get("threads"), kernel=spec.get("kernel", "auto"),
                            provider=spec.get("provider", "cpu"), spinning=spec.get("spinning"),
-                           prefill_chunk=spec.get("prefill_chunk", Model.DEFAULT_PREFILL_CHUNK))
+                           prefill_chunk=spec.get("prefill_chunk", Model.DEFAULT_PREFILL_CHUNK),
+                           prepacking=spec.get("prepacking", "auto"))
         res.load_s = time.perf_counter() - t0
         res.rss_after_load_mb = mem.rss() / MiB
         res.rss_trace_mb["load"] = res.rss_after_load_mb - res.rss_before_mb
         res.kind, res.kernel, res.provider = model.kind, model.info.kernel, model.info.provider
         res.threads, res.spinning = model.info.threads, model.info.spinning
+        res.prepacking, res.prepacking_source = model.info.prepacking, model.info.prepacking_source
+        res.session_options = {"intra_op_num_threads": model.info.threads, "inter_op_num_threads": 1,
+                               "enable_mem_pattern": model.info.mem_pattern, "prepacking": model.info.prepacking,
+                               "prepacking_source": model.info.prepacking_source,
+                               "config_entries": dict(model.info.config_entries)}
+        if model.contract is not None:
+            res.weights = model.contract.quantization.weights
         if res.kernel == "native":  # the library's level and origin (native.kernel_info, after registering)
             from . import native
             ki = native.kernel_info()
@@ -471,12 +483,16 @@ def merge_rounds(runs: list[ModelBench]) -> ModelBench:
 def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64, 512), decode_tokens: int = 32,
               decode_context: int = 64, repetitions: int = 5, warmup: int = 1, threads: int | None = None,
               kernel: str = "auto", spinning: str = "on", prefill_chunk: int | None = 512, seed: int = 0,
-              rounds: int = 1, timeout: float | None = 3600, log=None) -> BenchResult:
+              rounds: int = 1, timeout: float | None = 3600, log=None, prepacking: str = "auto") -> BenchResult:
     """Benchmark ``model`` (and ``baseline``), each in a fresh process with identical settings.
 
     ``rounds`` > 1 alternates the two models (compressed, baseline, compressed, ...), each time in a fresh
     process, and pools the samples, so that a change of background load hits both alike.
+    ``prepacking`` ("auto" | "on" | "off"): auto gives each model the prepacking its export contract asks
+    for (so each side runs with its own best options); each side's options are in its ``session_options``.
     """
+    if prepacking not in ("auto", "on", "off"):
+        raise ValueError("prepacking must be auto, on or off")
     from .session import default_threads
     if repetitions < 1:
         raise ValueError("repetitions must be >= 1")
@@ -489,8 +505,11 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
     settings = {"prompt_lengths": [int(x) for x in prompt_lengths], "decode_tokens": int(decode_tokens),
                 "decode_context": int(decode_context), "repetitions": int(repetitions), "warmup": int(warmup),
                 "threads": threads, "kernel": kernel, "spinning": spinning, "seed": int(seed), "provider": "cpu",
-                "prefill_chunk": prefill_chunk, "rounds": int(rounds),
-                "session_options": {"session.disable_prepacking": "1", "intra_op_num_threads": threads,
+                "prefill_chunk": prefill_chunk, "rounds": int(rounds), "prepacking": prepacking,
+                "session_options": {"prepacking": {"auto": "per model: its fips_config.json (see each model's "
+                                                           "session_options)",
+                                                   "on": "on", "off": "off (session.disable_prepacking=1)"}[prepacking],
+                                    "intra_op_num_threads": threads,
                                     "inter_op_num_threads": 1, "enable_mem_pattern": False,
                                     "session.intra_op.allow_spinning": {"off": "0", "on": "1",
                                                                         "auto": "1 (onnxruntime default)"}[spinning],
@@ -506,7 +525,7 @@ def run_bench(model: str, baseline: str | None = None, *, prompt_lengths=(1, 64,
             spec = {"role": role, "path": str(path), "threads": threads, "kernel": kernel, "spinning": spin,
                     "provider": "cpu", "prompt_lengths": settings["prompt_lengths"], "decode_tokens": decode_tokens,
                     "decode_context": decode_context, "repetitions": repetitions, "warmup": warmup, "seed": seed,
-                    "prefill_chunk": prefill_chunk}
+                    "prefill_chunk": prefill_chunk, "prepacking": prepacking}
             if log:
                 log(f"benchmarking {role}" + (f" (round {rnd + 1}/{rounds})" if rounds > 1 else "") + f": {path}")
             r = run_model_in_subprocess(spec, timeout=timeout)
@@ -561,7 +580,15 @@ def to_markdown(r: BenchResult) -> str:
     def kernel(mb):
         return (mb.kernel or "–") + (f" ({mb.kernel_isa}, {mb.kernel_build})" if mb.kernel_isa else "")
 
+    def options(mb):
+        if mb.prepacking is None:
+            return "–"
+        return (f"prepacking {'on' if mb.prepacking else 'off'} ({mb.prepacking_source}), "
+                f"{mb.threads} threads, spinning {'on' if mb.spinning else 'off'}")
+
     row("kernel path", kernel(c), kernel(b) if b else None)
+    row("weights", c.weights or "–", (b.weights or "–") if b else None)
+    row("session options", options(c), options(b) if b else None)
     row("file size (MiB)", _f(c.file_mb), _f(b.file_mb) if b else None, "file_bytes")
     row("load time (s)", _f(c.load_s, "{:.3f}"), _f(b.load_s, "{:.3f}") if b else None, "load_s")
     row("model RSS after load (MiB)", _f(c.model_rss_after_load_mb, "{:.1f}"),

@@ -10,6 +10,10 @@ import sys
 import click
 
 KERNEL_CHOICE = click.Choice(["auto", "native", "reference"])
+PREPACKING_CHOICE = click.Choice(["auto", "on", "off"])
+PREPACKING_HELP = ("onnxruntime weight prepacking (auto: what the export's fips_config.json asks for -- on for "
+                   "--weights int8/int4 files, whose MatMulNBits kernels need it, off for float files, where it "
+                   "doubles weight RAM; on/off: override).")
 
 
 def _lengths(ctx, param, value: str) -> list[int]:
@@ -49,12 +53,15 @@ def _lengths(ctx, param, value: str) -> list[int]:
                    "runtime's default, which is on).")
 @click.option("--prefill-chunk", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
               help="Prompts longer than this run in chunks through the KV cache (0: never chunk).")
+@click.option("--prepacking", type=PREPACKING_CHOICE, default="auto", show_default=True,
+              help=PREPACKING_HELP + " Applied to each model; the report lists the options each side ran with.")
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Alternate the models this many times, each in a fresh process, pooling the samples.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompts.")
 @click.option("--timeout", default=3600.0, show_default=True, type=float, help="Seconds per model process.")
 def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_lengths, decode_tokens,
-                  decode_context, repetitions, warmup, threads, kernel, spinning, prefill_chunk, rounds, seed, timeout):
+                  decode_context, repetitions, warmup, threads, kernel, spinning, prefill_chunk, prepacking, rounds,
+                  seed, timeout):
     """Benchmark MODEL (.onnx file or exported folder), optionally against --baseline, each in a fresh process.
 
     Reports load time, memory attributable to the model (RSS after load / after running / peak, minus the
@@ -69,7 +76,7 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
     result = run_bench(model, baseline, prompt_lengths=prompt_lengths, decode_tokens=decode_tokens,
                        decode_context=decode_context, repetitions=repetitions, warmup=warmup, threads=threads,
                        kernel=kernel, spinning=spinning, prefill_chunk=prefill_chunk or None, seed=seed,
-                       rounds=rounds, timeout=timeout, log=log)
+                       rounds=rounds, timeout=timeout, log=log, prepacking=prepacking)
     try:
         write_reports(result, json_path=json_path, markdown_path=markdown_path,
                       plot_path=plot_path if result.ok else None)
@@ -97,6 +104,7 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--spinning", type=click.Choice(["off", "on", "auto"]), default="auto", show_default=True,
               help="onnxruntime intra-op thread spinning (auto: the runtime's default, on).")
+@click.option("--prepacking", type=PREPACKING_CHOICE, default="auto", show_default=True, help=PREPACKING_HELP)
 @click.option("--name", default=None, help="Model id reported by /v1/models (default: from fips_config.json "
                                            "or the folder name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1024, 1 << 30))
@@ -123,10 +131,14 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
               help="SIGTERM/SIGINT: seconds in-flight requests may still run; then they end with an error event.")
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Open connections (and tasks) beyond which uvicorn answers 503.")
+@click.option("--flush-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 1000),
+              help="After each step, wait at most this long for its tokens to be sent before the next step "
+                   "(0: do not wait; e.g. 5 on a 2-core machine, experimental).")
 @click.option("--quiet", is_flag=True, help="No access log.")
-def serve_command(model, host, port, threads, kernel, provider, spinning, name, max_body_bytes, max_prompt_tokens,
+def serve_command(model, host, port, threads, kernel, provider, spinning, prepacking, name, max_body_bytes,
+                  max_prompt_tokens,
                   max_tokens_limit, max_batch, max_queue, kv_cache_mib, prefill_chunk, body_timeout, header_timeout,
-                  keep_alive, shutdown_timeout, max_connections, quiet):
+                  keep_alive, shutdown_timeout, max_connections, flush_wait_ms, quiet):
     """Serve MODEL over an OpenAI-style HTTP API (/v1/completions, /v1/chat/completions, /v1/embeddings,
     /v1/models, /health, /metrics, /openapi.json) until SIGINT/SIGTERM. Concurrent generation requests are
     decoded together (continuous batching, up to --max-batch sequences per step)."""
@@ -135,14 +147,16 @@ def serve_command(model, host, port, threads, kernel, provider, spinning, name, 
 
     try:
         m = Model.load(model, threads=threads, kernel=kernel, provider=provider, name=name,
-                       spinning={"on": True, "off": False}.get(spinning), prefill_chunk=prefill_chunk or None)
+                       spinning={"on": True, "off": False}.get(spinning), prefill_chunk=prefill_chunk or None,
+                       prepacking=prepacking)
     except FipsRuntimeError as e:
         raise click.ClickException(str(e))
     cfg = ServeConfig(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                       max_tokens_limit=max_tokens_limit, max_batch=max_batch, max_queue=max_queue,
                       kv_cache_mib=kv_cache_mib or None, prefill_chunk=prefill_chunk or None,
                       body_timeout=body_timeout, header_timeout=header_timeout, keep_alive_timeout=keep_alive,
-                      shutdown_timeout=shutdown_timeout, max_connections=max_connections, log=not quiet)
+                      shutdown_timeout=shutdown_timeout, max_connections=max_connections,
+                      flush_wait_s=flush_wait_ms / 1000.0, log=not quiet)
 
     def ready(address):
         h, p = address[:2]

@@ -6,9 +6,12 @@ file with :func:`read_contract`, which is strict: an unknown ``format`` or ``for
 missing key, a key of the wrong type or an unknown key is refused with one line naming it. There is
 no fuzzy lookup anywhere: a value lives under exactly one name.
 
-Layout (format ``fips-rt-onnx``, version 1; documented in docs/export.md): the common keys at the
+Layout (format ``fips-rt-onnx``, version 2; documented in docs/export.md): the common keys at the
 top level, plus the keys of the model kind (:class:`CausalLMSpec`, :class:`EncoderSpec`,
-:class:`VisionSpec`) at the top level too.
+:class:`VisionSpec`) at the top level too. Version 2 added ``quantization`` (:class:`QuantizationInfo`:
+the weight format of ``fips export --weights``), ``session`` (:class:`SessionHints`: the session options
+the file wants, e.g. prepacking for MatMulNBits files) and ``sparse_op.quantized_nodes``; version-1
+files are still read (as fp32/fp16 weights, prepacking off, no quantized sparse nodes).
 
 Model kinds are named once, here: ``causal-lm``, ``encoder``, ``vit``.
 """
@@ -25,8 +28,8 @@ from typing import Any
 from fips_rt.errors import FipsError
 
 FORMAT = "fips-rt-onnx"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 CONFIG_FILE = "fips_config.json"
 MAX_CONFIG_BYTES = 16 << 20  # a contract is a few KB; refuse anything absurd before parsing it
 
@@ -37,6 +40,11 @@ KINDS = (CAUSAL_LM, ENCODER, VIT)
 METHODS = ("dense", "fips", "deltallm")
 DTYPES = ("fp32", "fp16")
 SPARSE_OP_VERSIONS = (1,)  # versions of fips.SparseMatMul this runtime runs
+WEIGHTS = ("fp32", "fp16", "int8", "int4")  # fips export --weights
+QUANTIZED_WEIGHTS = {"int8": 8, "int4": 4}
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes (powers of two >= 16)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits accuracy_level (0: unset)
+EMBEDDINGS = ("dense", "gather-block-quantized", "shared-with-head")
 
 
 class ContractError(FipsError, ValueError):
@@ -156,20 +164,117 @@ class SparseOpInfo:
     version: int = 1
     nodes: int = 0
     bases: int = 0
+    quantized_nodes: int = 0  # fips.QSparseMatMul nodes (format version >= 2)
 
     @classmethod
-    def read(cls, v: Any, where: str) -> "SparseOpInfo":
+    def read(cls, v: Any, where: str, format_version: int = FORMAT_VERSION) -> "SparseOpInfo":
         r = _Reader(v, where)
         out = cls(domain=_str(r.take("domain"), r.key("domain"), choices=("fips",)),
                   op_type=_str(r.take("op_type"), r.key("op_type"), choices=("SparseMatMul",)),
                   version=_int(r.take("version"), r.key("version"), lo=1),
                   nodes=_int(r.take("nodes"), r.key("nodes")),
-                  bases=_int(r.take("bases"), r.key("bases")))
+                  bases=_int(r.take("bases"), r.key("bases")),
+                  quantized_nodes=(_int(r.take("quantized_nodes"), r.key("quantized_nodes"))
+                                   if format_version >= 2 else 0))
         r.done()
-        if out.nodes and out.version not in SPARSE_OP_VERSIONS:
+        if (out.nodes or out.quantized_nodes) and out.version not in SPARSE_OP_VERSIONS:
             raise ContractError(f"{CONFIG_FILE}: the model uses fips.SparseMatMul version {out.version}; this "
                                 f"runtime runs version {', '.join(map(str, SPARSE_OP_VERSIONS))} (upgrade fips-rt)")
         return out
+
+    def to_json(self, format_version: int = FORMAT_VERSION) -> dict:
+        d = dataclasses.asdict(self)
+        if format_version < 2:
+            del d["quantized_nodes"]
+        return d
+
+
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """How the weights are stored (``fips export --weights``), format version >= 2.
+
+    ``weights``: fp32 / fp16 (float weights), int8 / int4 (every dense linear a ``com.microsoft.MatMulNBits``
+    of onnxruntime.quantization's ``MatMulNBitsQuantizer`` with ``block_size`` and ``accuracy_level``; FiPS V
+    through ``fips.QSparseMatMul`` with ``sparse_bits`` / ``sparse_group_size``; FiPS U in ``basis_weights``).
+    ``embedding``: "dense" (a
+    float table), "gather-block-quantized" (its own ``GatherBlockQuantized`` table) or "shared-with-head"
+    (``GatherBlockQuantized`` reading the tied LM head's MatMulNBits tensors: one copy).
+    """
+    weights: str = "fp32"
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    embedding: str = "dense"
+    matmul_nbits_nodes: int = 0
+    basis_weights: str | None = None  # FiPS U (the basis products): "fp32" or "int8"; null without FiPS
+    sparse_bits: int | None = None
+    sparse_group_size: int | None = None
+    quantizer: str | None = None
+
+    def __post_init__(self):
+        _check_quantization(self)
+
+    @classmethod
+    def read(cls, v: Any, where: str) -> "QuantizationInfo":
+        r = _Reader(v, where)
+        k = r.key
+        out = dict(weights=_str(r.take("weights"), k("weights"), choices=WEIGHTS),
+                   block_size=_int(r.take("block_size"), k("block_size"), lo=1, optional=True),
+                   accuracy_level=_int(r.take("accuracy_level"), k("accuracy_level"), optional=True),
+                   embedding=_str(r.take("embedding"), k("embedding"), choices=EMBEDDINGS),
+                   matmul_nbits_nodes=_int(r.take("matmul_nbits_nodes"), k("matmul_nbits_nodes")),
+                   basis_weights=_str(r.take("basis_weights"), k("basis_weights"), optional=True,
+                                      choices=("fp32", "int8")),
+                   sparse_bits=_int(r.take("sparse_bits"), k("sparse_bits"), optional=True),
+                   sparse_group_size=_int(r.take("sparse_group_size"), k("sparse_group_size"), optional=True),
+                   quantizer=_str(r.take("quantizer"), k("quantizer"), optional=True))
+        r.done()
+        return cls(**out)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_quantization(q: "QuantizationInfo") -> None:
+    where = f"{CONFIG_FILE}: quantization"
+    if q.weights not in WEIGHTS:
+        raise ContractError(f"{where}.weights = {q.weights!r} is not one of {', '.join(WEIGHTS)}")
+    if q.embedding not in EMBEDDINGS:
+        raise ContractError(f"{where}.embedding = {q.embedding!r} is not one of {', '.join(EMBEDDINGS)}")
+    bits = QUANTIZED_WEIGHTS.get(q.weights)
+    if bits is None:
+        for name in ("block_size", "accuracy_level", "sparse_bits", "sparse_group_size", "basis_weights"):
+            if getattr(q, name) is not None:
+                raise ContractError(f"{where}.{name} must be null for {q.weights} weights")
+        if q.matmul_nbits_nodes or q.embedding != "dense":
+            raise ContractError(f"{where}: {q.weights} weights have no MatMulNBits nodes and a dense embedding")
+        return
+    if q.block_size not in BLOCK_SIZES:
+        raise ContractError(f"{where}.block_size = {q.block_size!r} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    if q.accuracy_level not in ACCURACY_LEVELS:
+        raise ContractError(f"{where}.accuracy_level = {q.accuracy_level!r} is not one of "
+                            f"{', '.join(map(str, ACCURACY_LEVELS))}")
+    if q.sparse_bits is not None and q.sparse_bits != bits:
+        raise ContractError(f"{where}.sparse_bits = {q.sparse_bits} disagrees with {q.weights} weights")
+    if (q.sparse_bits is None) != (q.sparse_group_size is None):
+        raise ContractError(f"{where}: sparse_bits and sparse_group_size are both set or both null")
+
+
+@dataclass(frozen=True)
+class SessionHints:
+    """The onnxruntime session options the file wants (format version >= 2); the runtime applies them
+    unless the user overrides (``--prepacking on|off``). MatMulNBits files want prepacking on: onnxruntime
+    repacks their blocks at load into its kernels' layout (without it MatMulNBits takes a slow path)."""
+    prepacking: bool = False
+
+    @classmethod
+    def read(cls, v: Any, where: str) -> "SessionHints":
+        r = _Reader(v, where)
+        out = cls(prepacking=_bool(r.take("prepacking"), r.key("prepacking")))
+        r.done()
+        return out
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -345,11 +450,21 @@ class ExportContract:
     spec: CausalLMSpec | EncoderSpec | VisionSpec
     exporter: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    quantization: QuantizationInfo = QuantizationInfo()
+    session: SessionHints = SessionHints()
 
     def __post_init__(self):
         want = _KIND_SPECS.get(self.kind)
         if want is None or not isinstance(self.spec, want):
             raise ContractError(f"kind {self.kind!r} needs a {want.__name__ if want else 'known kind'} record")
+        q = self.quantization
+        if q.weights in ("fp32", "fp16") and q.weights != self.dtype:
+            raise ContractError(f"{CONFIG_FILE}: quantization.weights = {q.weights!r} disagrees with dtype "
+                                f"{self.dtype!r}")
+        if q.weights in QUANTIZED_WEIGHTS and self.dtype != "fp32":
+            raise ContractError(f"{CONFIG_FILE}: {q.weights} weights compute in fp32 (dtype {self.dtype!r} given)")
+        if self.sparse_op.quantized_nodes and q.sparse_bits is None:
+            raise ContractError(f"{CONFIG_FILE}: sparse_op.quantized_nodes > 0 needs quantization.sparse_bits")
 
     @property
     def causal_lm(self) -> CausalLMSpec | None:
@@ -369,8 +484,10 @@ class ExportContract:
                 "architecture": self.architecture, "model_type": self.model_type, "name": self.name,
                 "method": self.method, "dtype": self.dtype, "opset": self.opset,
                 "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
-                "sparse_op": dataclasses.asdict(self.sparse_op), **self.spec.to_json(),
-                "exporter": dict(self.exporter)}
+                "sparse_op": self.sparse_op.to_json(self.format_version), **self.spec.to_json(),
+                "exporter": dict(self.exporter),
+                **({"quantization": self.quantization.to_json(), "session": self.session.to_json()}
+                   if self.format_version >= 2 else {})}
 
     @classmethod
     def from_json(cls, d: Any) -> "ExportContract":
@@ -397,10 +514,15 @@ class ExportContract:
             inputs=tuple(TensorSpec.read(v, f"inputs[{j}]") for j, v in enumerate(_list(r.take("inputs"), "inputs"))),
             outputs=tuple(TensorSpec.read(v, f"outputs[{j}]")
                           for j, v in enumerate(_list(r.take("outputs"), "outputs"))),
-            sparse_op=SparseOpInfo.read(r.take("sparse_op"), "sparse_op"),
+            sparse_op=SparseOpInfo.read(r.take("sparse_op"), "sparse_op", version),
             exporter=_dict(r.take("exporter"), "exporter"),
             format_version=version,
         )
+        if version >= 2:
+            common["quantization"] = QuantizationInfo.read(r.take("quantization"), "quantization")
+            common["session"] = SessionHints.read(r.take("session"), "session")
+        else:  # version 1: float weights, the session defaults of its time
+            common["quantization"] = QuantizationInfo(weights=common["dtype"])
         spec = _KIND_SPECS[kind].read(r)
         r.done()
         return cls(**common, spec=spec)

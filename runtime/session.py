@@ -4,8 +4,12 @@ Torch-free: this module imports only the standard library, numpy and onnxruntime
 
 Session options applied (see docs/runtime.md and the measurements in the ORT notes):
 
-- ``session.disable_prepacking = 1``: prepacking keeps a second, repacked copy of every MatMul weight
-  (it roughly doubles weight RAM for a dense model);
+- ``session.disable_prepacking = 1`` unless the file asks for prepacking: prepacking keeps a second,
+  repacked copy of every float MatMul weight (it roughly doubles weight RAM for a dense fp32 model), but
+  onnxruntime's quantized ``MatMulNBits`` kernels need their blocks repacked at load. ``prepacking``
+  "auto" (the default) takes what the export contract says (``session.prepacking`` of
+  ``fips_config.json``: on for ``--weights int8|int4`` files, off otherwise; off without a contract);
+  "on" / "off" (or True / False) override it;
 - ``intra_op_num_threads``: ``threads`` or the number of CPU cores;
 - intra-op thread spinning on (onnxruntime's default) unless ``spinning=False``: the native
   ``fips.SparseMatMul`` kernel runs on onnxruntime's own pool, and a decode step is hundreds of short
@@ -40,6 +44,7 @@ import onnxruntime as ort  # noqa: E402  (after the environment is configured)
 from fips_rt.errors import FipsError  # noqa: E402  (torch-free)
 
 KERNELS = ("auto", "native", "reference")
+PREPACKING = ("auto", "on", "off")
 PROVIDERS = ("auto", "cpu", "cuda")
 MODEL_FILE_NAMES = ("model.onnx", "decoder_model_merged.onnx", "decoder_model.onnx")
 
@@ -183,6 +188,7 @@ class SessionInfo:
     mem_pattern: bool
     load_s: float
     config_entries: dict[str, str] = field(default_factory=dict)
+    prepacking_source: str = "default"  # "contract" (auto: the file's fips_config.json), "user" or "default"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,8 +265,32 @@ def session_options(*, threads: int | None = None, kernel: str = "auto", provide
                 "prepacking": bool(prepacking), "mem_pattern": bool(mem_pattern), "config_entries": entries}
 
 
+def resolve_prepacking(prepacking: "bool | str | None", model_dir: str | os.PathLike,
+                       onnx_name: str | None = None) -> tuple[bool, str]:
+    """``(prepacking, source)`` for ``prepacking`` in None / "auto" / "on" / "off" / True / False.
+
+    auto (None): the export contract's ``session.prepacking`` (source "contract"); without a
+    ``fips_config.json``: off (source "default"). A contract that cannot be read is a FipsRuntimeError."""
+    if isinstance(prepacking, bool):
+        return prepacking, "user"
+    if prepacking is None:
+        prepacking = "auto"
+    if prepacking not in PREPACKING:
+        raise FipsRuntimeError(f"prepacking must be one of {', '.join(PREPACKING)}, got {prepacking!r}")
+    if prepacking != "auto":
+        return prepacking == "on", "user"
+    from .contract import ContractError, read_contract
+    try:
+        contract = read_contract(model_dir)
+    except ContractError as e:
+        raise FipsRuntimeError(str(e)) from None
+    if contract is None or (onnx_name is not None and contract.model_file != onnx_name):
+        return False, "default"  # no contract, or one that describes another file of the folder
+    return bool(contract.session.prepacking), "contract"
+
+
 def create_session(path: str | os.PathLike, *, threads: int | None = None, kernel: str = "auto",
-                   provider: str = "auto", spinning: bool | None = None, prepacking: bool = False,
+                   provider: str = "auto", spinning: bool | None = None, prepacking: "bool | str | None" = "auto",
                    mem_pattern: bool = False,
                    optimization: str = "all") -> tuple["ort.InferenceSession", SessionInfo]:
     """Open ``path`` (model folder or .onnx) in onnxruntime; returns ``(session, info)``.
@@ -269,8 +299,10 @@ def create_session(path: str | os.PathLike, *, threads: int | None = None, kerne
     bodies), "native" (fail if unavailable) or "reference" (function bodies only).
     ``provider``: "auto" (CUDA when onnxruntime-gpu sees a GPU, else CPU), "cpu" or "cuda".
     ``spinning``: intra-op thread spinning; None = on (onnxruntime's default), False = threads sleep between nodes.
+    ``prepacking``: "auto" (the export contract's choice, see the module docstring), "on"/"off" or a bool.
     """
     onnx_path, model_dir = resolve_model_path(path)
+    prepacking, prepacking_source = resolve_prepacking(prepacking, model_dir, onnx_path.name)
     if provider not in PROVIDERS:
         raise FipsRuntimeError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     if provider == "auto":
@@ -295,7 +327,7 @@ def create_session(path: str | os.PathLike, *, threads: int | None = None, kerne
                        threads=facts["threads"], spinning=facts["spinning"], prepacking=facts["prepacking"],
                        mem_pattern=facts["mem_pattern"],
                        load_s=load_s,
-                       config_entries=facts["config_entries"])
+                       config_entries=facts["config_entries"], prepacking_source=prepacking_source)
     return sess, info
 
 

@@ -34,10 +34,10 @@ def _refused(d, match):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", True, None, 1.0])
+@pytest.mark.parametrize("version", [0, 3, "1", True, None, 1.0, 2.0])
 def test_unknown_version_is_refused(record, version):
     d = copy.deepcopy(record)
-    d["format_version"] = version  # 1.0 and True equal 1 in Python; the reader wants the integer
+    d["format_version"] = version  # 1.0, 2.0 and True equal 1 or 2 in Python; the reader wants the integer
     _refused(d, "format_version")
 
 
@@ -108,7 +108,7 @@ def test_runtime_refuses_a_bad_contract_in_one_line(tmp_path):
     with pytest.raises(FipsRuntimeError, match="not readable JSON"):
         Model.load(folder, threads=1, kernel="reference")
     # the CLI: one line on stderr, non-zero exit, no traceback
-    d["format_version"] = 1
+    d["format_version"] = C.FORMAT_VERSION
     del d["head_dim"]
     path.write_text(json.dumps(d))
     p = subprocess.run([sys.executable, "-m", "fips_rt.runtime.cli", "bench", str(folder), "--repetitions", "1",
