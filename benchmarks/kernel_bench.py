@@ -241,7 +241,16 @@ def main(argv=None):
     ap.add_argument("--no-cpu-time", action="store_true", help="skip the 1-thread CPU-time measurement")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--multirow", action="store_true",
+                    help="A/B of the multi-row decode kernels instead: single SparseMatMul nodes at the SmolLM2 V "
+                         "shape, FIPS_SPARSE_MULTIROW=0 vs 1 in alternating fresh processes (writes "
+                         "kernel_bench_multirow.{json,md}); --tokens default 1 4 5 8 9 12 16 17")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker is not None:
+        return multirow_worker(args)
+    if args.multirow:
+        return multirow_main(args, argv)
 
     lib = native.library_path()
     if lib is None:
@@ -325,6 +334,109 @@ def main(argv=None):
     md += [_md_row(r) for r in rows]
     (args.out / "kernel_bench.md").write_text("\n".join(md) + "\n")
     print(f"\nwrote {args.out / 'kernel_bench.json'} and {args.out / 'kernel_bench.md'}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# --multirow: the multi-row (batched decode) kernels against the few-token ones
+# ---------------------------------------------------------------------------------------
+MR_MATRICES = 8  # distinct V per session: 14 MB of values + masks, streamed from memory as in a decode step
+
+
+def _spmm_model(vs, trans_b, tokens):
+    k = DFF if trans_b else R
+    nodes, inits, outs = [], [], []
+    for i, (_, values, packed) in enumerate(vs):
+        inits += [numpy_helper.from_array(values, f"v{i}"), numpy_helper.from_array(packed, f"m{i}")]
+        nodes.append(helper.make_node("SparseMatMul", ["A", f"v{i}", f"m{i}"], [f"y{i}"], domain="fips",
+                                      rows=R, cols=DFF, transB=trans_b))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "spmm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [tokens, k])],
+                              outs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fips", 1)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def multirow_worker(args):
+    """One process, one FIPS_SPARSE_MULTIROW setting: per-matrix ms for every (transB, T); prints JSON."""
+    rng = np.random.default_rng(0)
+    vs = [_sparse_weight(rng, R, DFF, 1.0 - SPARSITY) for _ in range(MR_MATRICES)]
+    out = {}
+    for threads in (1, args.threads):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        native.register(so, "native")
+        for trans_b in (0, 1):
+            for tokens in args.tokens:
+                sess = ort.InferenceSession(_spmm_model(vs, trans_b, tokens), so, providers=["CPUExecutionProvider"])
+                a = np.random.default_rng(tokens).standard_normal((tokens, DFF if trans_b else R)).astype(np.float32)
+                ys = sess.run(None, {"A": a})
+                ref = [a.astype(np.float64) @ (d.T if trans_b else d).astype(np.float64) for d, _, _ in vs]
+                diff = max(float(np.abs(y - r).max()) for y, r in zip(ys, ref))
+                clock = time.thread_time if threads == 1 else time.perf_counter
+                per = []
+                for _ in range(args.rounds):
+                    t0 = clock()
+                    sess.run(None, {"A": a})
+                    per.append((clock() - t0) / MR_MATRICES * 1e3)
+                per.sort()
+                out[f"{threads}/{trans_b}/{tokens}"] = {"min": per[0], "median": statistics.median(per), "diff": diff}
+    print(json.dumps({"isa": machine_info(native.library_path()).get("kernel_isa"), "rows": out}))
+
+
+def multirow_main(args, argv):
+    import subprocess
+    tokens = args.tokens if argv and "--tokens" in argv else [1, 4, 5, 8, 9, 12, 16, 17]
+    info = machine_info(native.library_path())
+    runs = {"0": [], "1": []}
+    for rep in range(3):  # alternate the settings so both see the same machine conditions
+        for mr in ("0", "1") if rep % 2 == 0 else ("1", "0"):
+            cmd = [sys.executable, __file__, "--worker", "1", "--threads", str(args.threads), "--rounds",
+                   str(args.rounds), "--tokens", *map(str, tokens)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, FIPS_SPARSE_MULTIROW=mr),
+                                 timeout=1800)
+            if res.returncode != 0:
+                sys.exit(f"worker failed: {res.stderr[-2000:]}")
+            runs[mr].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    info["loadavg_end"] = _loadavg()
+    rows = []
+    for threads in (1, args.threads):
+        for trans_b in (0, 1):
+            for t in tokens:
+                key = f"{threads}/{trans_b}/{t}"
+                best = {mr: min(r["rows"][key]["min"] for r in runs[mr]) for mr in runs}
+                med = {mr: statistics.median(r["rows"][key]["median"] for r in runs[mr]) for mr in runs}
+                rows.append({"threads": threads, "transB": trans_b, "tokens": t, "old_min_ms": best["0"],
+                             "new_min_ms": best["1"], "old_median_ms": med["0"], "new_median_ms": med["1"],
+                             "speedup_min": best["0"] / best["1"], "speedup_median": med["0"] / med["1"],
+                             "max_abs_diff": max(r["rows"][key]["diff"] for mr in runs for r in runs[mr])})
+    result = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": info,
+              "shape": {"rows": R, "cols": DFF, "sparsity": SPARSITY, "matrices": MR_MATRICES},
+              "isa": runs["1"][0]["isa"], "rounds": args.rounds, "rows": rows}
+    head = ("| threads | transB | tokens | few-token kernels ms (min / median) | multi-row on ms (min / median) "
+            "| speedup (min / median) | max abs diff |")
+    md = ["# fips.SparseMatMul multi-row decode kernels: A/B", "",
+          f"{result['date']} - `python benchmarks/kernel_bench.py --multirow` - {info['cpu']}, {info['logical_cpus']} "
+          f"logical CPUs, kernel level `{result['isa']}`, onnxruntime {info['onnxruntime']}. Load average at start / "
+          f"end: {info['loadavg_start']} / {info['loadavg_end']} (provisional when above ~1: the machine was shared).",
+          "",
+          f"Per-matrix time of fips.SparseMatMul at the SmolLM2 V shape ({R}x{DFF}, {int(SPARSITY * 100)}% zeros), "
+          f"{MR_MATRICES} distinct matrices per call (streamed from memory, as in a decode step). "
+          "FIPS_SPARSE_MULTIROW=0 (the few-token kernels: T/4 or T/8 passes over V) vs 1 (default: 9..16 tokens in "
+          "one pass, entry-list loops over one 16-token block; below 9 tokens both settings run the same code), "
+          "3 alternating fresh processes each. threads = 1: CPU time of the calling thread (robust to a shared "
+          f"machine); threads = {args.threads}: wall time.", "", head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['threads']} | {r['transB']} | {r['tokens']} | {r['old_min_ms']:.3f} / {r['old_median_ms']:.3f} | "
+                  f"{r['new_min_ms']:.3f} / {r['new_median_ms']:.3f} | {r['speedup_min']:.2f}x / "
+                  f"{r['speedup_median']:.2f}x | {r['max_abs_diff']:.1e} |")
+    print("\n".join(md))
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_bench_multirow.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "kernel_bench_multirow.md").write_text("\n".join(md) + "\n")
     return rows
 
 

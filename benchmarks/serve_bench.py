@@ -93,10 +93,10 @@ def other_load() -> dict:
 
 
 # ---------------------------------------------------------------------------- server and client
-def start_server(model: Path, threads: int, max_batch: int, max_tokens: int):
+def start_server(model: Path, threads: int, max_batch: int, max_tokens: int, extra=()):
     cmd = [sys.executable, "-m", "fips_rt.runtime.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
            "--threads", str(threads), "--max-batch", str(max_batch), "--max-tokens-limit", str(max_tokens),
-           "--quiet"]
+           "--quiet", *extra]
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
@@ -185,6 +185,7 @@ def run_phase(addr, prompts, clients: int, per_client: int, max_tokens: int) -> 
             "per_request_tokens_per_s_p50": pct([r["tokens"] / (r["end"] - r["start"]) for _, r in results], 50),
             "ttft_ms_p50": pct(ttft, 50) * 1e3, "ttft_ms_p95": pct(ttft, 95) * 1e3,
             "itl_ms_p50": pct(gaps, 50) * 1e3, "itl_ms_p95": pct(gaps, 95) * 1e3,
+            "itl_ms_mean": float(np.mean(gaps)) * 1e3 if gaps else None,
             "load_at_start": load, "texts": [(j, r["text"]) for j, r in results]}
 
 
@@ -248,7 +249,8 @@ def run_model(label: str, model: Path, args) -> dict:
     fb = bench_decode(model, args.threads, args.bench_decode_tokens, args.bench_repetitions)
     log(f"{label}: fips bench {fb['decode_tokens_per_s']:.1f} tokens/s; starting the server")
     prompts = make_prompts(model, args.prompts, args.prompt_tokens)
-    proc, addr = start_server(model, args.threads, args.max_batch, args.max_tokens)
+    proc, addr = start_server(model, args.threads, args.max_batch, args.max_tokens,
+                              ["--flush-wait-ms", str(args.flush_wait_ms)])
     try:
         stream_request(addr, prompts[0], 8)  # warm-up
         rss_warm = rss_mib(proc.pid)
@@ -281,6 +283,10 @@ def run_model(label: str, model: Path, args) -> dict:
             "ratio_16_vs_1": phases["16"]["aggregate_tokens_per_s"] / single,
             "ratio_4_vs_1": phases["4"]["aggregate_tokens_per_s"] / single,
             "ratio_single_vs_fips_bench": single / fb["decode_tokens_per_s"],
+            # decode only: 1 / mean inter-token gap of the 1-client phase (no prompt, no time to first token),
+            # the quantity fips bench measures (1 / mean forward() time after a 64-token context)
+            "single_decode_tokens_per_s": 1e3 / phases["1"]["itl_ms_mean"],
+            "ratio_single_decode_vs_fips_bench": 1e3 / phases["1"]["itl_ms_mean"] / fb["decode_tokens_per_s"],
             "rss_growth": (phases["16"]["server_rss_mib"] / phases["1"]["server_rss_mib"]) if rss_warm else None}
 
 
@@ -303,12 +309,19 @@ def to_markdown(res: dict) -> str:
                          f"{ph['aggregate_tokens_per_s'] / one:.2f}x | {ph['mean_batch_size'] or 0:.1f} | "
                          f"{ph['mean_step_ms'] or 0:.1f} | {ph['ttft_ms_p50']:.0f} / {ph['ttft_ms_p95']:.0f} | "
                          f"{ph['itl_ms_p50']:.1f} / {ph['itl_ms_p95']:.1f} | {ph['server_rss_mib'] or 0:.0f} |")
-    lines += ["", "| model | `fips bench` decode tokens/s | 1 client / fips bench | 16 clients / 1 client | "
-                  "greedy divergences under load (near-ties) |", "|---|---|---|---|---|"]
+    lines += ["", "| model | `fips bench` decode tokens/s | 1 client / fips bench (aggregate, with prefill) | "
+                  "1 client decode only (1 / mean ITL) / fips bench | 16 clients / 1 client | "
+                  "greedy divergences under load (near-ties) |", "|---|---|---|---|---|---|"]
     for label, r in res["models"].items():
         d = r["divergences"]
+        dec = r.get("ratio_single_decode_vs_fips_bench")
+        dec_cell = f"{dec:.2f}x ({r['single_decode_tokens_per_s']:.1f} tokens/s)" if dec else "-"
         lines.append(f"| {label} | {r['fips_bench']['decode_tokens_per_s']:.1f} | {r['ratio_single_vs_fips_bench']:.2f}x | "
-                     f"{r['ratio_16_vs_1']:.2f}x | {len(d)} ({sum(x['near_tie'] for x in d)}) |")
+                     f"{dec_cell} | {r['ratio_16_vs_1']:.2f}x | {len(d)} ({sum(x['near_tie'] for x in d)}) |")
+    lines += ["", "The acceptance line of issue 14 compares the aggregate 1-client throughput of this workload (128 "
+                  "generated tokens per request, wall time including the 64-token prompt's prefill and the HTTP "
+                  "stream) with `fips bench`'s decode tokens/s (1 / mean time of one `forward()` call after a 64-token "
+                  "context, nothing else); the decode-only column takes the prefill out (1 / mean inter-token gap)."]
     return "\n".join(lines) + "\n"
 
 
@@ -352,6 +365,8 @@ def main():
     ap.add_argument("--bench-decode-tokens", type=int, default=128)
     ap.add_argument("--bench-repetitions", type=int, default=3)
     ap.add_argument("--note", default="", help="What else ran on the machine (recorded in the results).")
+    ap.add_argument("--flush-wait-ms", type=float, default=0.0,
+                    help="The server's --flush-wait-ms (0: the scheduler does not wait for a step's tokens to be sent).")
     args = ap.parse_args()
     from fips_rt.runtime.bench import machine_info
     t0 = time.time()
@@ -363,7 +378,9 @@ def main():
                         "single_requests": args.single_requests, "requests_per_client": args.per_client,
                         "fips_bench": {"decode_tokens": args.bench_decode_tokens,
                                        "repetitions": args.bench_repetitions, "decode_context": 64},
-                        "ignore_eos": True, "spinning": "on (onnxruntime default)", "nice": os.nice(0)},
+                        "ignore_eos": True, "spinning": "on (onnxruntime default)", "nice": os.nice(0),
+                        "flush_wait_ms": args.flush_wait_ms,
+                        "FIPS_SPARSE_MULTIROW": os.environ.get("FIPS_SPARSE_MULTIROW", "1 (default)")},
            "models": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for label, path in (("fips", args.fips), ("dense", args.dense)):
@@ -374,6 +391,8 @@ def main():
     f = res["models"]["fips"]
     res["acceptance"] = {"fips_16_vs_1_ge_4x": f["ratio_16_vs_1"] >= 4.0,
                          "fips_single_ge_0.9x_fips_bench": f["ratio_single_vs_fips_bench"] >= 0.9,
+                         "fips_single_decode_only_ge_0.9x_fips_bench (reported, not the issue's line)":
+                             f["ratio_single_decode_vs_fips_bench"] >= 0.9,
                          "greedy_divergences_all_near_ties": all(d["near_tie"] for r in res["models"].values()
                                                                  for d in r["divergences"])}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,7 @@ class ServeConfig:
     shutdown_timeout: float = 25.0        # SIGTERM: in-flight requests get this long, then end with an error
     max_connections: int = 1024           # open connections + tasks; beyond: 503 (uvicorn)
     retry_after_s: int = 1
+    flush_wait_s: float = 0.0             # scheduler: wait this long at most for a step's tokens to be sent (0: off)
     log: bool = True
 
 
@@ -118,10 +119,27 @@ class App:
         if model.kind in ("causal-lm", "encoder"):
             model.tokenizer  # load the tokenizer now: fail at start-up, not on the first request
         self.metrics = Metrics(max_batch=cfg.max_batch)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving event loop (set at start-up)
         self.scheduler = Scheduler(model, SchedulerConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                                                           max_kv_tokens=self._kv_tokens(),
-                                                          prefill_chunk=cfg.prefill_chunk),
-                                   metrics=self.metrics).start()
+                                                          prefill_chunk=cfg.prefill_chunk,
+                                                          flush_wait_s=cfg.flush_wait_s),
+                                   metrics=self.metrics, flush=self.flush).start()
+
+    def flush(self, timeout: float) -> None:
+        """Scheduler thread: wait (at most ``timeout`` s) until the event loop has run what the emits of this
+        step queued -- the stream tasks they woke, i.e. the SSE writes -- so that the loop's work runs now,
+        while onnxruntime is idle, rather than during the next session call. Two hops: the first callback
+        runs after the emits' callbacks, the tasks they woke run after it, the second callback after those."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        done = threading.Event()
+        try:
+            loop.call_soon_threadsafe(lambda: loop.call_soon(done.set))
+        except RuntimeError:  # the loop is gone (shutdown)
+            return
+        done.wait(timeout)
 
     def _kv_tokens(self) -> int | None:
         mib = self.config.kv_cache_mib
@@ -521,6 +539,7 @@ def create_app(model, config: ServeConfig | None = None):
 
     @asynccontextmanager
     async def lifespan(_app):
+        state.loop = asyncio.get_running_loop()
         yield
         state.begin_shutdown()
         await run_in_threadpool(state.scheduler.close, cfg.shutdown_timeout + 5)

@@ -13,7 +13,11 @@ Every loop iteration of :class:`Scheduler`:
    detokenizes and checks stop conditions per sequence (:class:`Sequence`, the same steps as
    :meth:`CausalLM.stream`, so a request gives the tokens it would give alone, near-ties excepted).
 
-Results go to each sequence's ``emit`` callback (the HTTP layer hands them to its event loop). Beyond
+Results go to each sequence's ``emit`` callback (the HTTP layer hands them to its event loop); after the
+tokens of a step are emitted, the optional ``flush`` callback (``flush(timeout_s)``) lets the HTTP layer send
+them before the next session call starts: on a 2-core machine the event loop's per-token work would
+otherwise run during that call, on a core onnxruntime's threads are using (``SchedulerConfig.flush_wait_s``
+bounds the wait; 0 turns it off). Beyond
 ``max_queue`` waiting sequences :meth:`submit` raises :class:`Overloaded`. Models that cannot decode in
 batches (no KV cache, or no ``attention_mask``/``position_ids`` input) are stepped one sequence at a time by
 the same thread. Other work on the session (embeddings) runs through :meth:`run_job` in the same thread.
@@ -59,6 +63,7 @@ class SchedulerConfig:
     max_kv_tokens: int | None = None   # reserved KV positions of the whole batch (None: no bound)
     prefill_chunk: int | None = None   # tokens per prefill step between decode steps (None: the model's)
     idle_wait_s: float = 0.5
+    flush_wait_s: float = 0.0          # longest wait for ``flush`` after a step's tokens (0: never wait)
 
 
 class Sequence:
@@ -151,10 +156,12 @@ class _Job:
 class Scheduler:
     """Owns the model's session in one thread; see the module docstring."""
 
-    def __init__(self, model, config: SchedulerConfig | None = None, metrics=None):
+    def __init__(self, model, config: SchedulerConfig | None = None, metrics=None,
+                 flush: Callable[[float], Any] | None = None):
         self.model = model
         self.config = config or SchedulerConfig()
         self.metrics = metrics
+        self.flush = flush
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()   # Sequence | _Job
         self._prefilling: list[Sequence] = []                   # admitted, prefill not finished
@@ -355,6 +362,7 @@ class Scheduler:
             return  # more chunks at the next iterations, between decode steps
         self._prefilling.pop(0)
         self._emit_token(s, logits)
+        self._flush()
         if not s.done:
             self._joining.append(s)
 
@@ -409,6 +417,12 @@ class Scheduler:
         for s, lg in zip(self._active, logits):
             if not s.cancelled:
                 self._emit_token(s, lg)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Give the HTTP layer up to ``flush_wait_s`` to send what was just emitted (see the module docstring)."""
+        if self.flush is not None and self.config.flush_wait_s > 0:
+            self.flush(self.config.flush_wait_s)
 
     def _fail_all(self, message: str, code: str) -> None:
         with self._cond:

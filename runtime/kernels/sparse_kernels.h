@@ -32,6 +32,12 @@
 // bits in software, spread over the current block's steps (the hardware prefetchers alone
 // left them at about half the memory bandwidth), skip rows that pruning emptied, and split
 // the rows between tasks by kept entries, not by row count.
+// Multi-row decode (9..16 tokens: one token of each sequence of a batch, fips serve): A is
+// transposed once per call into ONE 16-token block, and both products use the entry-list loops
+// below on it: each mask group is decoded once per call (AVX-512F: 16 columns per vpcompressd)
+// and each kept entry is one broadcast-FMA over the 16 token lanes, instead of one pass over V
+// per register block of 4 or 8 tokens. FIPS_SPARSE_MULTIROW=0 (read once per process) turns it
+// off, for A/B measurements (benchmarks/kernel_bench.py --multirow).
 // Many tokens (prefill): A is transposed once per call into 32-token blocks (64-byte
 // aligned); the kept entries of a row (or of a 128-column chunk of it) are listed (column
 // offsets, in a small per-thread scratch buffer) and each one is applied to the 32 tokens
