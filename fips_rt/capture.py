@@ -80,10 +80,13 @@ def _tokens_mask(batch: dict) -> torch.Tensor | None:
     return None if m is None else m.reshape(-1).bool()
 
 
-def _statistics_hooks(model, adapter: Adapter, layers, tokens: Tokens, stats: dict) -> list:
-    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input."""
+def _statistics_hooks(model, adapter: Adapter, layers, tokens: Tokens, stats: dict, layer_ids=None) -> list:
+    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input.
+    ``layer_ids``: only these layers (default all)."""
     handles = []
     for li, lin in enumerate(layers):
+        if layer_ids is not None and li not in layer_ids:
+            continue
         def pre(mod, args, li=li):
             x = tokens.rows(args[0]).float()
             s = stats.setdefault(li, {"xtx": 0.0, "n": 0, "h2": {}})

@@ -150,11 +150,22 @@ def collect_tensors(model) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def save_checkpoint(path: str | os.PathLike, lm, method: str, config: dict, report: dict | None = None) -> Path:
     """Write ``model.pt`` atomically (temporary name, fsync, rename); refuses to write over its input."""
-    import torch
     out = Path(path)
     if out.suffix != ".pt":
         raise CheckpointError(f"the checkpoint name must end in .pt (got {out.name}).")
     tensors, structure = collect_tensors(lm.model)
+    return save_checkpoint_parts(path, lm, method, config, tensors, structure, report)
+
+
+def save_checkpoint_parts(path: str | os.PathLike, lm, method: str, config: dict, tensors: dict, structure: dict,
+                          report: dict | None = None) -> Path:
+    """``save_checkpoint`` from tensors and structure assembled elsewhere (the block-by-block engine,
+    fips_rt.streamed, which never holds the compressed model as modules); ``lm`` gives the source,
+    adapter, name and tokenizer files."""
+    import torch
+    out = Path(path)
+    if out.suffix != ".pt":
+        raise CheckpointError(f"the checkpoint name must end in .pt (got {out.name}).")
     source = {k: v for k, v in lm.source.items() if k != "tokenizer_files"}
     header = {"method": method, "config": config, "source": source, "structure": structure,
               "family": lm.adapter.family, "kind": lm.adapter.kind, "name": lm.name,

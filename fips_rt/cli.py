@@ -159,6 +159,10 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--global-lr", type=float, default=1e-4, show_default=True)
 @click.option("--global-batch", type=click.IntRange(min=0), default=None,
               help="FiPS: calibration rows per distillation step (default 2; 0: a whole calibration batch).")
+@click.option("--global-seq-len", type=click.IntRange(min=0), default=None,
+              help="FiPS: tokens per row in a distillation step, a random window of the row (default 0: whole rows).")
+@click.option("--global-norms/--no-global-norms", default=None,
+              help="FiPS: distillation also trains the norm weights (default: U, V, MLP biases only).")
 @click.option("--delta-rank", type=click.IntRange(min=1), default=None, help="DeltaLLM: rank (default: from budget).")
 @click.option("--layout", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
 @click.option("--keep-first", type=click.IntRange(min=0), default=2, show_default=True)
@@ -182,10 +186,22 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its state folder (OUT.state).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--onload", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="FiPS: block-by-block onloading from a folder of safetensors (only the block being worked on is "
+                   "in memory; auto: on for folders over 2 GiB of weights and for --distributed).")
+@click.option("--activation-memory-gb", type=click.FloatRange(min=0), default=None,
+              help="FiPS: calibration activations held in memory (default 4); past it they go to the state folder "
+                   "(block-by-block) or to later calibration passes.")
+@click.option("--distributed", is_flag=True,
+              help="FiPS: spread the groups over the ranks of torchrun (gloo on CPU, nccl on GPUs); implied when "
+                   "WORLD_SIZE is set.")
+@click.option("--dist-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+              help="Seconds a rank waits for the others before the run fails.")
 def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsity, init, pruning, nm, calib, images,
              calib_tokens, seq_len, steps, lr, batch_tokens, global_steps, global_lr, delta_rank, layout, keep_first,
              keep_last, global_batch, sequential, refit, refit_rounds, refit_u, refit_ridge, refit_iters, refit_target,
-             eval_tokens, device, checkpoint, out, resume, seed, quiet):
+             eval_tokens, device, checkpoint, out, resume, seed, quiet, global_seq_len=None, global_norms=None,
+             onload="auto", activation_memory_gb=None, distributed=False, dist_timeout=1800.0):
     """Compress MODEL and write a checkpoint.
 
     MODEL: a built-in name (smollm2-135m, minilm-l6), a local Hugging Face folder, a .gguf file, or
@@ -220,16 +236,123 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
                          group_size=group_size, groups=group_list, sparsity=sparsity, init=init, pruning=pruning,
                          nm=(n, m), steps=steps, lr=lr, batch_tokens=batch_tokens, global_steps=global_steps,
                          global_lr=global_lr, seed=seed, **{k: v for k, v in dict(
-                             global_batch=global_batch, sequential=sequential, refit=refit,
+                             global_batch=global_batch, global_seq_len=global_seq_len, global_norms=global_norms,
+                             sequential=sequential, refit=refit,
                              refit_rounds=refit_rounds, refit_u=refit_u,
-                             refit_ridge=refit_ridge, refit_iters=refit_iters, refit_target=refit_target).items()
+                             refit_ridge=refit_ridge, refit_iters=refit_iters, refit_target=refit_target,
+                             activation_memory_gb=activation_memory_gb).items()
                              if v is not None})
     else:
         cfg = DeltaConfig(model_budget=model_budget if (mlp_budget or model_budget) else 0.88, mlp_budget=mlp_budget,
                           delta_rank=delta_rank, layout=layout, keep_first=keep_first, keep_last=keep_last,
                           steps=steps, lr=lr, seed=seed)
+    from .distributed import env_requests_distributed
+    distributed = distributed or env_requests_distributed()
+    if method == "fips" and _use_onload(model, onload, distributed):
+        if eval_tokens:
+            raise FipsError("--eval-tokens needs the dense model in memory; with block-by-block onloading evaluate "
+                            "the checkpoint afterwards (fips eval OUT.pt), or pass --onload off.")
+        run_compress_streamed(model, cfg, out_p, calib=calib, calib_tokens=calib_tokens, seq_len=seq_len,
+                              device=device, resume=resume, progress=not quiet, distributed=distributed,
+                              dist_timeout=dist_timeout)
+        return
+    if distributed:
+        raise FipsError("--distributed runs FiPS block by block from a local folder of safetensors "
+                        "(a Hugging Face causal LM); this model/method runs in one process.")
     run_compress(model, cfg, out_p, calib=calib, images=images, calib_tokens=calib_tokens, seq_len=seq_len,
                  eval_tokens=eval_tokens, device=device, checkpoint=checkpoint, resume=resume, progress=not quiet)
+
+
+ONLOAD_AUTO_BYTES = 2 * 2**30  # auto: block-by-block onloading for folders with more weights than this
+
+
+def _use_onload(model: str, onload: str, distributed: bool) -> bool:
+    from .streamed import WeightFiles, streamable
+    if onload == "off":
+        return False
+    if not streamable(model):
+        if onload == "on" or distributed:
+            raise FipsError(f"block-by-block onloading reads a local Hugging Face folder with safetensors; "
+                            f"{model} is not one.")
+        return False
+    return onload == "on" or distributed or WeightFiles(Path(model)).total_bytes() > ONLOAD_AUTO_BYTES
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def run_compress_streamed(model: str, cfg, out_p: Path, *, calib="wiki", calib_tokens=16384, seq_len=512,
+                          device="auto", resume=False, progress=True, distributed=False,
+                          dist_timeout=1800.0) -> dict | None:
+    """FiPS block by block from a safetensors folder (fips_rt.streamed), optionally over torchrun's ranks:
+    memory plan (refused up front when it cannot fit MemAvailable), compress, checkpoint on rank 0,
+    peak RSS and time per phase. Returns the summary on rank 0."""
+    import os
+
+    from . import distributed as D
+    from .api import resolve_device
+    from .capture import count_tokens
+    from .checkpoint import save_checkpoint_parts
+    from .fips import plan_groups
+    from .report import size_rows, table
+    from .streamed import PhaseMemory, Skeleton, checkpoint_parts, compress_streamed, mem_available, plan_memory
+    t0 = time.time()
+    dev = resolve_device(device)
+    ranks = D.init(dist_timeout, dev) if distributed else D.Ranks()
+    tag = f"rank {ranks.rank}/{ranks.world}: " if ranks.active else ""
+    try:
+        mem = PhaseMemory()
+        mem.start("load")
+        sk = Skeleton(model)
+        batches = calibration_for(sk.lm, calib, calib_tokens, seq_len)
+        plans, _ = plan_groups(sk.model, sk.adapter, cfg)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)) if ranks.active else 1
+        est = plan_memory(sk, plans, cfg, count_tokens(batches, "causal-lm"), local_ranks=local)
+        avail = mem_available()
+        if avail is not None and est["machine"] > avail:
+            raise FipsError(f"this run needs about {_gib(est['machine'])} ({local} process(es): resident weights "
+                            f"{_gib(est['resident_weights'])} + one block {_gib(est['block'])} + activations "
+                            f"{_gib(est['activations'])} + one group {_gib(est['group_working_set'])}) but only "
+                            f"{_gib(avail)} is available; lower --activation-memory-gb, --calib-tokens or "
+                            f"--group-size, or use fewer processes.")
+        if ranks.rank == 0:
+            _echo(f"{tag}block-by-block onloading of {model}: {len(plans)} groups over {ranks.world} process(es); "
+                  f"planned peak {_gib(est['per_process'])} per process (MemAvailable "
+                  f"{_gib(avail) if avail is not None else 'unknown'})")
+        state_dir = out_p.with_name(out_p.name + ".state")
+        if resume and not state_dir.is_dir():
+            raise FipsError(f"--resume: no interrupted run found at {state_dir}.")
+        res = compress_streamed(model, cfg, batches, sk=sk, device=dev, state_dir=state_dir, resume=resume,
+                                progress=progress and ranks.rank == 0, ranks=ranks, log=_echo, mem=mem)
+        if res is None:  # a rank other than 0: its groups went to rank 0
+            _echo(f"{tag}groups sent to rank 0; peak RSS {_gib(mem.overall)}")
+            return None
+        mem.start("checkpoint write")
+        tensors, structure, counts = checkpoint_parts(res)
+        report = {"method": "fips", "config": cfg.to_dict(), "mlp_budget": res["budget"],
+                  "groups": [res["infos"].get(p.index, {}) for p in res["plans"]], "global": {},
+                  "seconds": res["seconds"], "device": str(dev), "engine": "block-by-block onloading",
+                  "world_size": ranks.world, "counts": counts,
+                  "calibration": {"data": calib, "tokens": calib_tokens, "seq_len": seq_len}}
+        save_checkpoint_parts(out_p, sk.lm, "fips", cfg.to_dict(), tensors, structure, report)
+        del tensors
+        mem.end()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        summary = {"model": model, "method": "fips", "seconds_compress": res["seconds"],
+                   **{k: v for k, v in counts.items() if k != "groups"}, "checkpoint": str(out_p),
+                   "checkpoint_bytes": out_p.stat().st_size, "peak_rss": mem.overall,
+                   "planned_peak": est["per_process"], "phases": mem.phases, "world_size": ranks.world}
+        rows = size_rows(counts)
+        rows.append(["checkpoint file", "", f"{out_p.stat().st_size / 2**20:.1f} MiB", ""])
+        click.echo(table(rows, ["", "dense", "fips", "ratio"]))
+        click.echo("phases: " + ", ".join(f"{k} {v['seconds']:.0f} s / peak {_gib(v['peak_rss'])}"
+                                          for k, v in mem.phases.items()))
+        click.echo(f"{tag}peak RSS {_gib(mem.overall)} (planned {_gib(est['per_process'])}); "
+                   f"wrote {out_p} in {time.time() - t0:.0f} s")
+        return summary
+    finally:
+        D.close(ranks)
 
 
 def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, calib_tokens=16384, seq_len=512,
@@ -246,6 +369,8 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
     lm = load_model(model, checkpoint)
     _echo(f"loaded {lm.name} ({lm.adapter.family}, {type(lm.model).__name__}) in {time.time() - t0:.0f} s")
     batches = calibration_for(lm, calib, calib_tokens, seq_len, images=images)
+    if cfg.method == "fips":
+        _check_memory(lm, cfg, batches)  # before the dense copy and the work: refuse in one line
     dense = copy.deepcopy(lm) if eval_tokens else None
     state_dir = out_p.with_name(out_p.name + ".state")
     if resume and not state_dir.is_dir():
@@ -276,8 +401,37 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
             rows.append([f"perplexity {label} {e['split']} ({e['tokens']:,} tokens)", f"{e['ppl_dense']:.2f}",
                          f"{e['ppl']:.2f}", f"{e['ppl_ratio']:.3f}"])
     click.echo(table(rows, ["", "dense", cfg.method, "ratio"]))
-    click.echo(f"wrote {out_p} in {time.time() - t0:.0f} s")
+    from .procmem import ProcessMemory
+    summary["peak_rss"] = ProcessMemory().peak()  # the process's peak so far (VmHWM)
+    click.echo(f"peak RSS {_gib(summary['peak_rss'])}; wrote {out_p} in {time.time() - t0:.0f} s")
     return summary
+
+
+def _check_memory(lm, cfg, batches) -> None:
+    """In-memory FiPS: the memory still to come (a dense evaluation copy, calibration activations up to
+    activation_memory_gb, every group's init, one group's training, a teacher copy) against
+    MemAvailable; refused in one line when it cannot fit."""
+    from .capture import count_tokens
+    from .fips import plan_groups
+    from .streamed import mem_available
+    avail = mem_available()
+    if avail is None:
+        return
+    plans, _ = plan_groups(lm.model, lm.adapter, cfg)
+    model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in lm.model.parameters()}.values())
+    tokens = count_tokens(batches, lm.kind)
+    needs_io = cfg.steps > 0 or cfg.refit != "none"
+    io_all = sum(2 * 4 * p.d * tokens * len(p.layers) for p in plans) if needs_io else 0
+    act = min(io_all, int(cfg.activation_memory_gb * 2**30))
+    inits = sum(p.rank * len(p.linears) * p.d_ff * 5 for p in plans)  # V (fp32) + mask, every group
+    train = max(p.rank * len(p.linears) * p.d_ff * 4 for p in plans) * (3 if cfg.steps > 0 else 0)
+    teacher = model_bytes if (cfg.global_steps > 0 or (cfg.steps > 0 and cfg.keep_teacher)) else 0
+    need = act + inits + train + teacher
+    if need > avail:
+        hint = " or --onload on (block by block from a safetensors folder)" if lm.kind == "causal-lm" else ""
+        raise FipsError(f"this run needs about {_gib(need)} more (activations {_gib(act)}, group inits {_gib(inits)}, "
+                        f"training {_gib(train)}, teacher copy {_gib(teacher)}) but only {_gib(avail)} is available; "
+                        f"lower --activation-memory-gb or --calib-tokens{hint}.")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -291,7 +445,9 @@ def run_compress(model: str, cfg, out_p: Path, *, calib="wiki", images=None, cal
 @click.option("--dense", default=None, help="Dense model to compare a checkpoint with (default: the one recorded).")
 @click.option("--no-dense", is_flag=True, help="Skip the dense comparison.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (ppl, ppl_dense, ppl_ratio, ...).")
-def eval_(model, data, split, eval_tokens, seq_len, dense, no_dense, as_json):
+@click.option("--prepacking", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="ONNX models: onnxruntime weight prepacking (auto: what the export's fips_config.json asks for).")
+def eval_(model, data, split, eval_tokens, seq_len, dense, no_dense, as_json, prepacking):
     """Evaluate a model or a checkpoint: perplexity (LMs), embedding cosine (encoders), logit agreement (ViTs).
 
     A checkpoint is compared with its dense model on the same windows. An exported causal LM (an .onnx
@@ -302,7 +458,8 @@ def eval_(model, data, split, eval_tokens, seq_len, dense, no_dense, as_json):
         from .data import read_text_file
         read_text_file(data)
     if _is_onnx(model):
-        res = _eval_onnx(model, dense if not no_dense else None, data, split, eval_tokens, seq_len, not as_json)
+        res = _eval_onnx(model, dense if not no_dense else None, data, split, eval_tokens, seq_len, not as_json,
+                         prepacking=prepacking)
         _print_eval(res, as_json)
         return
     from . import evaluate as E
@@ -334,13 +491,13 @@ def _is_onnx(path: str) -> bool:
 
 
 def _eval_onnx(model: str, dense: str | None, data: str, split: str, tokens: int, seq_len: int,
-               progress: bool) -> dict:
+               progress: bool, prepacking: str = "auto") -> dict:
     """Perplexity of exported causal LMs in onnxruntime (torch is never imported)."""
     from .runtime import Model
     from .runtime.evaluate import lm_windows, perplexity
 
     def run(path: str, label: str) -> dict:
-        m = Model.load(path)
+        m = Model.load(path, prepacking=prepacking)
         if m.kind != "causal-lm":
             raise FipsError(f"{path} is a {m.kind} model; fips eval computes the perplexity of causal LM exports "
                             f"(for encoders and ViTs, evaluate their checkpoints).")
@@ -350,11 +507,12 @@ def _eval_onnx(model: str, dense: str | None, data: str, split: str, tokens: int
             if progress:
                 click.echo(f"\r{label}: window {k}/{n}", nl=k == n, err=True)
         r = perplexity(m, wins, progress=tick)
-        return dict(r, kernel=m.info.kernel)
+        return dict(r, kernel=m.info.kernel, prepacking=m.info.prepacking)
 
     res = {"split": split, "data": data}
     r = run(model, "onnx")
-    res.update(ppl=r["ppl"], tokens=r["tokens"], seq_len=r["seq_len"], kernel=r["kernel"], seconds=r["seconds"])
+    res.update(ppl=r["ppl"], tokens=r["tokens"], seq_len=r["seq_len"], kernel=r["kernel"], seconds=r["seconds"],
+               prepacking=r["prepacking"])
     if dense is not None:
         if not _is_onnx(dense):
             raise FipsError(f"--dense for an ONNX model must be the dense export (.onnx or its folder); got {dense}")
@@ -372,7 +530,14 @@ def _eval_onnx(model: str, dense: str | None, data: str, split: str, tokens: int
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (mlp_params_dense, mlp_params, params, bytes...).")
 @click.option("--groups", "show_groups", is_flag=True, help="Also list every group.")
 def info(checkpoint, as_json, show_groups):
-    """Show what a checkpoint holds: method, groups, ranks, parameters and bytes (dense vs compressed)."""
+    """Show what a checkpoint holds: method, groups, ranks, parameters and bytes (dense vs compressed).
+
+    For an ONNX export (an .onnx file or its folder): the bytes per part of the file -- embedding,
+    attention, MLP (FiPS U, V values, V scales, V mask; dense MLP weights), LM head, norms -- and its
+    weight format (fips_config.json)."""
+    if _is_onnx(checkpoint):
+        _onnx_info(checkpoint, as_json)
+        return
     from .accounting import count_model
     from .checkpoint import load_checkpoint
     from .report import human_bytes, size_rows, table
@@ -395,9 +560,37 @@ def info(checkpoint, as_json, show_groups):
         click.echo(table(rows, ["group", "linears", "rank", "U params", "V nnz", "V density", "bytes"]))
 
 
+def _onnx_info(path: str, as_json: bool) -> None:
+    from .exporter.parts import onnx_parts
+    from .report import human_bytes, table
+    from .runtime.contract import read_contract
+    from .runtime.session import resolve_model_path
+    onnx_path, folder = resolve_model_path(path)
+    res = onnx_parts(onnx_path)
+    contract = read_contract(folder)
+    if contract is not None:
+        res.update(method=contract.method, name=contract.name, format_version=contract.format_version,
+                   quantization=contract.quantization.to_json(), session=contract.session.to_json())
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    q = res.get("quantization") or {}
+    desc = f"{res.get('method', '?')} export of {res.get('name', '?')}, weights {q.get('weights', '?')}"
+    if q.get("block_size"):
+        desc += f" (block {q['block_size']}, accuracy level {q['accuracy_level']}, embedding {q['embedding']})"
+    click.echo(f"{onnx_path}: {desc}, file {human_bytes(res['file_bytes'])}")
+    total = max(1, res["total"])
+    rows = [[k, f"{v:,}", human_bytes(v), f"{v / total:.3f}"] for k, v in res["parts"].items() if v]
+    rows.append(["mlp (all)", f"{res['mlp_bytes']:,}", human_bytes(res["mlp_bytes"]), f"{res['mlp_bytes'] / total:.3f}"])
+    rows.append(["total (initializers)", f"{res['total']:,}", human_bytes(res["total"]), "1.000"])
+    click.echo(table(rows, ["part", "bytes", "", "share"]))
+    click.echo("nodes: " + ", ".join(f"{k} {v}" for k, v in res["nodes"].items()))
+
+
 # ----------------------------------------------------------------------------- demo
 DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.5315, calib_tokens=16384, seq_len=512,
-            steps=0, lr=1e-3, refit="after", eval_tokens=8192, eval_ood="wordnet")
+            steps=0, lr=1e-3, refit="after", eval_tokens=8192, eval_ood="wordnet",
+            global_steps=0, global_lr=1e-4, global_batch=1)
 # sparsity 0.5315 at MLP budget 0.5 gives rank 576 = d for the groups of 4 (U square: no zero basis columns
 # at init) and 542 for the last group of 2; then closed-form refits of V and U in the whitened space
 # (FipsConfig's default 2 rounds) instead of AdamW steps. Measured choice: docs/quality.md, benchmarks/results/quality_ablation_cpu.md.
@@ -408,14 +601,20 @@ DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.5315,
 @click.option("--steps", type=click.IntRange(min=0), default=DEMO["steps"], show_default=True,
               help="Local AdamW steps per group (after the init; the refit follows them).")
 @click.option("--eval-tokens", type=click.IntRange(min=512), default=DEMO["eval_tokens"], show_default=True)
+@click.option("--global-steps", type=click.IntRange(min=0), default=DEMO["global_steps"], show_default=True,
+              help="Global distillation steps after the refit: KL to the dense model's logits on one 512-token "
+                   "wiki-train row per step, training U, V and the MLP biases (0: none).")
+@click.option("--global-lr", type=click.FloatRange(min=0, min_open=True), default=DEMO["global_lr"],
+              show_default=True, help="AdamW learning rate of the global distillation (warm-up, then cosine).")
 @click.option("--device", default="auto", show_default=True)
-def demo(out, steps, eval_tokens, device):
+def demo(out, steps, eval_tokens, global_steps, global_lr, device):
     """Compress the real SmolLM2-135M (MLP budget 0.5, groups of 4, rank 576, V 53% sparse, whitened init +
     closed-form refits) on wiki-train text, then compare dense vs FiPS perplexity on the held-out wiki test articles and on out-of-domain
     English (WordNet glosses shipped with timm, test half), 16 windows of 512 tokens each."""
     from .config import FipsConfig
     cfg = FipsConfig(mlp_budget=DEMO["mlp_budget"], group_size=DEMO["group_size"], sparsity=DEMO["sparsity"],
-                     steps=steps, lr=DEMO["lr"], refit=DEMO["refit"])
+                     steps=steps, lr=DEMO["lr"], refit=DEMO["refit"], global_steps=global_steps,
+                     global_lr=global_lr, global_batch=DEMO["global_batch"])
     summary = run_compress(DEMO["model"], cfg, Path(out), calib_tokens=DEMO["calib_tokens"], seq_len=DEMO["seq_len"],
                            eval_tokens=eval_tokens, eval_split="test", device=device, eval_ood=DEMO["eval_ood"])
     summary_path = Path(out).with_suffix(".json")
@@ -466,3 +665,7 @@ def export_main() -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     _run(cmd)
+
+
+if __name__ == "__main__":  # torchrun -m fips_rt.cli compress ...
+    main()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,8 @@ class FipsConfig(_DictRoundTrip):
     global_steps: int = 0
     global_lr: float = 1e-4
     global_batch: int = 2  # calibration rows per distillation step (0: a whole calibration batch)
+    global_seq_len: int = 0  # tokens per row in a distillation step: a random window of the row (0: whole row)
+    global_norms: bool = False  # distillation also trains the norm weights (besides U, V, MLP biases)
     # levers (docs/quality.md, benchmarks/results/quality_ablation_cpu.md)
     sequential: bool = False  # local fit on inputs from the already-compressed groups (targets stay dense)
     refit: str = "none"  # closed-form refits in the whitened space: "none", "before"/"after" the local steps, "both"
@@ -113,10 +116,12 @@ class FipsConfig(_DictRoundTrip):
             raise FipsError(f"refit_target must be output or weight (got {self.refit_target!r}).")
         if self.refit_ridge < 0:
             raise FipsError(f"refit_ridge must be >= 0 (got {self.refit_ridge}).")
-        for name in ("steps", "global_steps", "batch_tokens", "global_batch", "mask_every", "refit_rounds",
-                     "refit_iters"):
+        for name in ("steps", "global_steps", "batch_tokens", "global_batch", "global_seq_len", "mask_every",
+                     "refit_rounds", "refit_iters"):
             if getattr(self, name) < 0:
                 raise FipsError(f"{name} must be >= 0 (got {getattr(self, name)}).")
+        if not (self.global_lr > 0 and math.isfinite(self.global_lr)):
+            raise FipsError(f"global_lr must be a finite number > 0 (got {self.global_lr}).")
         if not (0.0 <= self.initial_sparsity <= self.sparsity):
             object.__setattr__(self, "initial_sparsity", min(max(self.initial_sparsity, 0.0), self.sparsity))
 

@@ -54,8 +54,18 @@ def left_singular_vectors(M: torch.Tensor) -> torch.Tensor:
 class SharedInit:
     U: torch.Tensor  # d x r
     V: list[torch.Tensor]  # each r x d_ff_k
-    scores: list[torch.Tensor]  # |V_k| in the weighted space, for magnitude pruning (same shapes as V)
     col_scale: list[torch.Tensor]  # per weight, the d_ff-side scaling used (ones where none)
+
+    @property
+    def scores(self) -> list[torch.Tensor]:
+        """|V_k| in the weighted space (|V_k| * D_k), for magnitude pruning; computed on demand, one
+        tensor per weight, so the init never holds a second copy of V."""
+        return [score_of(v, c) for v, c in zip(self.V, self.col_scale)]
+
+
+def score_of(V: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+    """The pruning score of one V: |V| times its d_ff-side scaling (float32)."""
+    return V.abs().float().mul_(col_scale.to(V.device, torch.float32)[None, :])
 
 
 def shared_svd_init(weights: Sequence[torch.Tensor], rank: int, *, d_factor: torch.Tensor | None = None,
@@ -66,34 +76,45 @@ def shared_svd_init(weights: Sequence[torch.Tensor], rank: int, *, d_factor: tor
     diagonal d_ff-side scaling; both optional), truncated SVD M' = P S Q^T, U' = P_r, V' = S_r Q_r^T.
     Overcomplete (rank > rank(M)): U' gets zero columns, V' copies of its top rows divided by tau.
     Undo: U = L^{-T} U', V_k = V'_k D_k^{-1}. At full rank U V_k = W_k exactly.
+
+    Memory: M' is never formed. Its Gram matrix M' M'^T = L^T (sum_k W_k D_k^2 W_k^T) L is accumulated
+    one weight at a time (float32 products, float64 sum), P comes from its float64 eigendecomposition
+    (d x d), and V_k = (L P_r)^T W_k (the D_k of V' and of the undo cancel) is one float32 matmul per
+    weight. Float64 stays where it is cheap and matters: the d x d Gram sum, the eigendecomposition,
+    the Cholesky factor and U's triangular solve; the d x d_ff work is float32. Working set: the
+    output V plus one weight, never a concatenation of the group.
     """
-    ws = [w.detach().double().cpu() for w in weights]
-    d = ws[0].shape[0]
-    scales = [None] * len(ws) if col_scales is None else list(col_scales)
-    cols = [w.shape[1] for w in ws]
-    scaled = [w if s is None else w * s.double().cpu()[None, :] for w, s in zip(ws, scales)]
-    M = torch.cat(scaled, dim=1)
+    d = weights[0].shape[0]
+    scales = [None] * len(weights) if col_scales is None else list(col_scales)
+    cols = [w.shape[1] for w in weights]
     L = None if d_factor is None else d_factor.double().cpu()
-    if L is not None:
-        M = L.T @ M
-    P = left_singular_vectors(M)
+    if d > sum(cols):  # taller than wide (never for an MLP group): the plain SVD of the small M'
+        M = torch.cat([w.detach().double().cpu() * (1.0 if s is None else s.double().cpu()[None, :])
+                       for w, s in zip(weights, scales)], dim=1)
+        P = torch.linalg.svd(M if L is None else L.T @ M, full_matrices=False)[0]
+    else:
+        H = torch.zeros(d, d, dtype=torch.float64)
+        for w, s in zip(weights, scales):
+            ws = w.detach().float().cpu()
+            if s is not None:
+                ws = ws * s.float().cpu()[None, :]
+            H += (ws @ ws.T).double()
+            del ws
+        G = H if L is None else L.T @ H @ L
+        P = torch.linalg.eigh(G)[1].flip(-1)
     k = min(rank, P.shape[1])
     Up = P[:, :k]
-    Vp = Up.T @ M  # = S_k Q_k^T: singular values folded into V'
-    if rank > k:  # overcomplete: zero basis columns, scaled copies of the top rows of V'
-        extra = rank - k
-        Up = torch.cat([Up, torch.zeros(d, extra, dtype=Up.dtype)], dim=1)
-        rep = Vp[torch.arange(extra) % k] / tau
-        Vp = torch.cat([Vp, rep], dim=0)
-    U = Up if L is None else torch.linalg.solve_triangular(L.T, Up, upper=True)
-    Vps = list(torch.split(Vp, cols, dim=1))
+    A = (Up if L is None else L @ Up).T.float().contiguous()  # k x d: V'_k D_k^{-1} = A W_k
+    extra = rank - k
+    rep = torch.arange(extra) % k if extra > 0 else None
     Vs, col_scale = [], []
-    for vp, s, c in zip(Vps, scales, cols):
-        if s is None:
-            Vs.append(vp.clone())
-            col_scale.append(torch.ones(c, dtype=torch.float64))
-        else:
-            Vs.append(vp / s.double().cpu()[None, :])
-            col_scale.append(s.double().cpu())
-    return SharedInit(U=U.float(), V=[v.float() for v in Vs], scores=[vp.abs().float() for vp in Vps],
-                      col_scale=[c.float() for c in col_scale])
+    for w, s, c in zip(weights, scales, cols):
+        v = A @ w.detach().float().cpu()
+        if rep is not None:  # overcomplete: scaled copies of the top rows of V'
+            v = torch.cat([v, v[rep] / tau], dim=0)
+        Vs.append(v)
+        col_scale.append(torch.ones(c, dtype=torch.float32) if s is None else s.float().cpu())
+    if extra > 0:
+        Up = torch.cat([Up, torch.zeros(d, extra, dtype=Up.dtype)], dim=1)
+    U = Up if L is None else torch.linalg.solve_triangular(L.T, Up, upper=True)
+    return SharedInit(U=U.float(), V=Vs, col_scale=col_scale)

@@ -18,10 +18,11 @@ from .budget import check_groups, consecutive_groups, kept_nnz, mlp_budget_from_
 from .capture import (count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, statistics_and_io,
                       teacher_io)
 from .config import FipsConfig
-from .decompose import diag_scale, normalized_cov, shared_svd_init, whitening_factor
+from .decompose import diag_scale, normalized_cov, score_of, shared_svd_init, whitening_factor
 from .errors import FipsError
 from .modules import FipsLinear, SharedBasis
-from .sparsity import global_magnitude_masks, gmp_sparsity, nm_mask, rigl_drop_fraction, rigl_update
+from .selection import magnitude_masks, select
+from .sparsity import gmp_sparsity, nm_mask, rigl_drop_fraction, rigl_update
 
 
 @dataclass
@@ -86,22 +87,49 @@ def _oriented(model, path: str, orientation: str) -> torch.Tensor:
     return w.T if orientation == "in" else w  # d x d_ff
 
 
-def init_group(model, plan: GroupPlan, cfg: FipsConfig, stats: dict | None):
-    weights = [_oriented(model, p, o) for p, o in plan.linears]
+def group_whitening(plan: GroupPlan, cfg: FipsConfig, stats: dict) -> tuple[torch.Tensor, list]:
+    """The group's d-side whitening factor L (Cholesky of the mean normalized input covariance of its
+    layers, float64) and per linear its d_ff-side scaling (down_proj: sqrt E[h^2]; None elsewhere)."""
+    cov = sum(normalized_cov(stats[li]["xtx"], stats[li]["n"]) for li in plan.layers)
+    L = whitening_factor(cov / len(plan.layers), cfg.ridge)
+    scales = []
+    for (p, o), li in zip(plan.linears, [li for li in plan.layers for _ in range(len(plan.linears) // len(plan.layers))]):
+        if o == "out":
+            h2, cnt = stats[li]["h2"][p]
+            scales.append(diag_scale(h2 / max(cnt, 1)))
+        else:
+            scales.append(None)
+    return L, scales
+
+
+def init_group(model, plan: GroupPlan, cfg: FipsConfig, stats: dict | None, *, weights=None, whitening=None):
+    """The group's shared init from its dense weights (``weights``, oriented d x d_ff; default: read
+    from ``model``) and, for the whitened init, ``whitening`` = group_whitening(...) or ``stats``."""
+    if weights is None:
+        weights = [_oriented(model, p, o) for p, o in plan.linears]
     if cfg.init == "whitened":
-        if stats is None:
-            raise FipsError("whitened init needs calibration data.")
-        cov = sum(normalized_cov(stats[li]["xtx"], stats[li]["n"]) for li in plan.layers)
-        L = whitening_factor(cov / len(plan.layers), cfg.ridge)
-        scales = []
-        for (p, o), li in zip(plan.linears, [li for li in plan.layers for _ in range(len(plan.linears) // len(plan.layers))]):
-            if o == "out":
-                h2, cnt = stats[li]["h2"][p]
-                scales.append(diag_scale(h2 / max(cnt, 1)))
-            else:
-                scales.append(None)
+        if whitening is None:
+            if stats is None:
+                raise FipsError("whitened init needs calibration data.")
+            whitening = group_whitening(plan, cfg, stats)
+        L, scales = whitening
         return shared_svd_init(weights, plan.rank, d_factor=L, col_scales=scales, tau=cfg.overcomplete_tau)
     return shared_svd_init(weights, plan.rank, tau=cfg.overcomplete_tau)
+
+
+def _module_masks(mods: list[FipsLinear], col_scales, keep: int, device, within_mask: bool) -> list[torch.Tensor]:
+    """Global magnitude masks over the group's V (scores |V| * D, one module at a time; entries outside
+    the current mask score -1 when ``within_mask``): the same masks as global_magnitude_masks on the
+    concatenated scores, without the concatenation (fips_rt.selection)."""
+    def score(i):
+        sc = score_of(mods[i].V.detach(), col_scales[i].to(device))
+        return sc.masked_fill_(~mods[i].mask, -1.0) if within_mask else sc
+
+    def for_each(visit):
+        for i in range(len(mods)):
+            visit(i, score(i))
+    th = select(len(mods), for_each, keep)
+    return [th.mask(i, score(i)) for i in range(len(mods))]
 
 
 def install_group(model, plan: GroupPlan, U: torch.Tensor, Vs, masks, device) -> list[FipsLinear]:
@@ -147,10 +175,35 @@ def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLi
                    for p in [m.basis.weight, m.V] + ([m.bias] if m.bias is not None else [])}.values())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1))))
+
+    def schedule(t):
+        return min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
+
+    def adamw(ps):  # fused: one pass over each tensor (the unfused CPU AdamW makes several + temporaries)
+        return torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
+    # Without a hook on the raw gradients (RigL needs them), each tensor is updated the moment its
+    # gradient is complete and the gradient is freed: one V's gradient in memory at a time instead of the
+    # whole group's. AdamW is elementwise, so one optimizer per tensor gives the same update.
+    in_backward = after_backward is None
+    handles = []
+    if in_backward:
+        opts = {id(p): adamw([p]) for p in params}
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in opts.values()]
+        owner = {id(m.V): m for m in mods}
+
+        def update(p):
+            m = owner.get(id(p))
+            if m is not None:
+                p.grad.mul_(m.mask)
+            opts[id(p)].step()
+            p.grad = None
+            if m is not None:
+                m.apply_mask_()
+        handles = [p.register_post_accumulate_grad_hook(update) for p in params]
+    else:
+        opt = adamw(params)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     chains = {li: mlp_chain(model, adapter, li) for li in layers}
     norms = {li: float(Y[li].pow(2).mean()) + 1e-12 for li in layers}
     n_tok = X[layers[0]].shape[0]
@@ -166,13 +219,20 @@ def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLi
                 for li in layers:
                     x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
                     loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
-            masked_step(loss, opt, sched, mods, before_mask=None if after_backward is None else lambda: after_backward(step))
+            if in_backward:
+                loss.backward()  # the hooks step every tensor
+                for sc in scheds:
+                    sc.step()
+            else:
+                masked_step(loss, opt, sched, mods, before_mask=lambda: after_backward(step))
             if after_step is not None:
                 after_step(step)
             losses.append(float(loss.detach()))
             if progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", **(postfix() if postfix is not None else {}))
     finally:
+        for h in handles:
+            h.remove()
         for p in params:
             p.requires_grad_(False)
     return losses
@@ -208,8 +268,7 @@ def train_group_local(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsL
         if cfg.pruning == "gmp":
             s = gmp_sparsity(step + 1, steps, s_i, s_f, end=cfg.gmp_end)
             keep = max(final_keep, int(round(total_entries * (1 - s))))
-            scores = [(m.V.abs() * c.to(device)[None, :]) for m, c in zip(mods, col_scales)]
-            new = global_magnitude_masks([sc.masked_fill(~m.mask, -1.0) for sc, m in zip(scores, mods)], keep)
+            new = _module_masks(mods, col_scales, keep, device, within_mask=True)
             for m, nm in zip(mods, new):
                 m.mask.copy_(nm & m.mask)
                 m.apply_mask_()
@@ -239,8 +298,7 @@ def finalize_masks(mods, col_scales, plan: GroupPlan, cfg: FipsConfig, device) -
             m.apply_mask_()
         return
     if sum(m.nnz for m in mods) > plan.nnz:
-        scores = [(m.V.abs() * c.to(device)[None, :]).masked_fill(~m.mask, -1.0) for m, c in zip(mods, col_scales)]
-        for m, nm in zip(mods, global_magnitude_masks(scores, plan.nnz)):
+        for m, nm in zip(mods, _module_masks(mods, col_scales, plan.nnz, device, within_mask=True)):
             m.mask.copy_(nm)
             m.apply_mask_()
 
@@ -337,40 +395,89 @@ def refit_group(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsLinear]
 
 
 # --------------------------------------------------------------------------- global error minimization
+def global_params(model, norms: bool = False) -> list[nn.Parameter]:
+    """What global distillation trains: every basis U, V and MLP bias of the FiPS linears, and with
+    ``norms`` also the weights (and biases) of the normalization layers (RMSNorm / LayerNorm)."""
+    mods = [m for m in model.modules() if isinstance(m, FipsLinear)]
+    params = [p for m in mods for p in ([m.basis.weight, m.V] + ([m.bias] if m.bias is not None else []))]
+    if norms:
+        params += [p for m in model.modules() if "norm" in type(m).__name__.lower()
+                   for p in m.parameters(recurse=False)]
+    return list({id(p): p for p in params}.values())
+
+
+def _global_batch(batches: list[dict], cfg: FipsConfig, gen: torch.Generator) -> dict:
+    """One distillation batch: a random calibration batch, ``global_batch`` random rows of it, each row
+    cropped to a random window of ``global_seq_len`` tokens when that is set (and shorter than the row)."""
+    b = batches[int(torch.randint(0, len(batches), (1,), generator=gen))]
+    rows = next(iter(b.values())).shape[0]
+    if cfg.global_batch and cfg.global_batch < rows:
+        pick = torch.randperm(rows, generator=gen)[:cfg.global_batch]
+        b = {k: v[pick] for k, v in b.items()}
+    T = b["input_ids"].shape[1] if "input_ids" in b else 0
+    if cfg.global_seq_len and 0 < cfg.global_seq_len < T:
+        s = int(torch.randint(0, T - cfg.global_seq_len + 1, (1,), generator=gen))
+        b = {k: (v[:, s:s + cfg.global_seq_len] if v.dim() >= 2 and v.shape[1] == T else v) for k, v in b.items()}
+    return b
+
+
 def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: FipsConfig, device, progress=False) -> dict:
-    """Distillation to the dense model: KL on logits (LMs) or MSE on outputs; only U, V, MLP biases train."""
+    """Global error minimization: distillation of the whole compressed model to the dense ``teacher``,
+    KL(teacher || student) per token on the logits of causal LMs (normalized MSE on outputs otherwise).
+
+    AdamW (betas 0.9/0.95, no weight decay) at ``cfg.global_lr`` on ``global_params`` (U, V, MLP
+    biases; ``cfg.global_norms`` adds the norm weights); every other parameter is frozen for the run (no
+    weight gradients are computed for it) and restored afterwards. V stays inside its mask (masked
+    gradients, re-masked after each step), so the sparsity pattern and the budget do not change. The
+    learning rate warms up linearly over steps/20 and then decays by a cosine, as the local fit's. Each of
+    the ``cfg.global_steps`` steps draws ``_global_batch`` from ``batches`` (the calibration batches).
+    Returns the first and last losses, the loss of every step and the seconds spent."""
     from tqdm.auto import tqdm
     from .delta_math import distill_loss
     from .evaluate import forward
+    t0, c0 = time.time(), time.process_time()
     mods = [m for m in model.modules() if isinstance(m, FipsLinear)]
-    params = list({id(p): p for m in mods for p in ([m.basis.weight, m.V] + ([m.bias] if m.bias is not None else []))}.values())
+    params = global_params(model, cfg.global_norms)
+    steps = cfg.global_steps
+    if not params or steps == 0:
+        return {"loss_first": None, "loss_last": None, "losses": [], "seconds": 0.0, "cpu_seconds": 0.0,
+                "trained_params": 0}
+    flags = {id(p): (p, p.requires_grad) for p in list(model.parameters()) + params}
+    for p, _ in flags.values():
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.global_lr, weight_decay=0.0, betas=(0.9, 0.95))
-    steps = cfg.global_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     use_amp = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed + 1000)
-    losses = []
+    was_training = model.training
+    model.train(False)  # no dropout: the student is compared with the teacher on the same function
+    losses: list[float] = []
     bar = tqdm(range(steps), desc="global distillation", disable=not progress, leave=False)
-    for step in bar:
-        b = batches[int(torch.randint(0, len(batches), (1,), generator=gen))]
-        rows = next(iter(b.values())).shape[0]
-        if cfg.global_batch and cfg.global_batch < rows:  # global_batch rows of the batch per step
-            pick = torch.randperm(rows, generator=gen)[:cfg.global_batch]
-            b = {k: v[pick] for k, v in b.items()}
-        b = {k: v.to(device) for k, v in b.items()}
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            t = forward(teacher, b, adapter.kind).float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            s = forward(model, b, adapter.kind).float()
-        loss = distill_loss(s, t, adapter.kind)  # the same loss as DeltaLLM's distillation
-        masked_step(loss, opt, sched, mods)
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    for p in params:
-        p.requires_grad_(False)
-    return {"loss_first": losses[0] if losses else None, "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:]))) if losses else None}
+    try:
+        for step in bar:
+            b = {k: v.to(device) for k, v in _global_batch(batches, cfg, gen).items()}
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                t = forward(teacher, b, adapter.kind).float()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                s = forward(model, b, adapter.kind).float()
+            loss = distill_loss(s, t, adapter.kind)  # the same loss as DeltaLLM's distillation
+            del s, t
+            masked_step(loss, opt, sched, mods)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+        opt.zero_grad(set_to_none=True)
+        model.train(was_training)
+    tail = losses[-10:]
+    return {"loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None,
+            "losses": losses, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
+            "trained_params": sum(p.numel() for p in params)}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -469,13 +576,15 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
     for plan in plans:
         inits.append(init_group(model, plan, cfg, stats))
     total_keep = sum(kept_nnz(p.rank, len(p.linears) * p.d_ff, cfg.sparsity) for p in plans)
-    flat_scores = [s for ini in inits for s in ini.scores]
+    flat_vs = [(v, c) for ini in inits for v, c in zip(ini.V, ini.col_scale)]
     if cfg.pruning == "nm":
         for plan in plans:
             plan.nnz = kept_nnz(plan.rank, len(plan.linears) * plan.d_ff, cfg.sparsity)
         masks_final = None
     else:
-        masks_final = global_magnitude_masks(flat_scores, total_keep)
+        th = select(len(flat_vs), lambda visit: [visit(i, score_of(v, c)) for i, (v, c) in enumerate(flat_vs)],
+                    total_keep)  # exact global threshold, one score tensor at a time
+        masks_final = [th.mask(i, score_of(v, c)) for i, (v, c) in enumerate(flat_vs)]
         k = 0
         for plan, ini in zip(plans, inits):
             plan.nnz = int(sum(int(m.sum()) for m in masks_final[k:k + len(ini.V)]))
@@ -496,9 +605,9 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
             log(f"group {plan.index}: resumed from {state}")
         else:
             if cfg.steps > 0 and cfg.pruning != "nm":
-                total = sum(s.numel() for s in ini.scores)
+                total = sum(v.numel() for v in ini.V)
                 start_keep = min(total, int(round(plan.nnz * (1 - cfg.initial_sparsity) / max(1 - cfg.sparsity, 1e-9))))
-                masks = global_magnitude_masks(ini.scores, start_keep)
+                masks = magnitude_masks(ini.scores, start_keep)
             elif cfg.pruning == "nm":
                 masks = [nm_mask(s, *cfg.nm) for s in ini.scores]
             else:

