@@ -14,6 +14,11 @@ Two parts, one command (JSON + markdown under benchmarks/results/qkernel_bench.*
   GB/s-equivalent (weight bytes / time) and the ratio to MatMulNBits of the same bits.
 
     flock /tmp/fips-timing.lock .venv/bin/python benchmarks/qkernel_bench.py --out benchmarks/results/qkernel_bench
+
+- ``micro`` (alone, ``--part micro``): the issue-12 target, one int8 per-row node (576 x 1536, density 0.47,
+  synthetic) exact and with ``activation_bits=8`` against MatMulNBits 8 bits accuracy_level 4, per node:
+
+    .venv/bin/python benchmarks/qkernel_bench.py --part micro --out benchmarks/results/qkernel_bench_micro
 """
 from __future__ import annotations
 
@@ -132,18 +137,75 @@ def _graph(nodes, inputs, outputs, inits, opset=18, functions=()):
     return m
 
 
+def _io(k: int, n_out: int, count: int):
+    """The graph inputs (A [t, k]) and outputs (Y0.. [t, n_out]) of `count` nodes all reading A."""
+    from onnx import TensorProto, helper
+    return ([helper.make_tensor_value_info("A", TensorProto.FLOAT, ["t", k])],
+            [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["t", n_out]) for i in range(count)])
+
+
+def _qsparse_case(qms, rows: int, cols: int, trans_b: int, bits: int, group_size: int, **attrs):
+    """(nodes, initializers): one fips.QSparseMatMul per (quantized V, mask) in `qms`, node i reading A and
+    q{i}, s{i}, m{i} into Y{i}; `attrs`: extra node attributes (activation_bits)."""
+    from onnx import helper, numpy_helper
+    nodes, inits = [], []
+    for i, (q, mask) in enumerate(qms):
+        inits += [numpy_helper.from_array(q.qvalues, f"q{i}"), numpy_helper.from_array(q.scales, f"s{i}"),
+                  numpy_helper.from_array(mask, f"m{i}")]
+        nodes.append(helper.make_node("QSparseMatMul", ["A", f"q{i}", f"s{i}", f"m{i}"], [f"Y{i}"], domain="fips",
+                                      rows=rows, cols=cols, transB=trans_b, bits=bits, group_size=group_size, **attrs))
+    return nodes, inits
+
+
+def _dense_case(denses, trans_b: int):
+    """(nodes, initializers): MatMul(A, W{i}) per dense V [rows, cols], W = V (transB 0) or V^T (1), float32."""
+    from onnx import helper, numpy_helper
+    nodes, inits = [], []
+    for i, dense in enumerate(denses):
+        w = np.ascontiguousarray((dense.T if trans_b else dense).astype(np.float32))
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["A", f"w{i}"], [f"Y{i}"]))
+    return nodes, inits
+
+
+def _sessions(models: dict, threads: int, lib: str) -> dict:
+    """{name: CPU InferenceSession} of {name: model bytes}; the fips variants with the kernel library
+    registered. Prepacking on (onnxruntime's default): the MatMulNBits kernels need it."""
+    import onnxruntime as ort
+    sessions = {}
+    for name, data in models.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        if name.startswith("fips"):
+            so.register_custom_ops_library(lib)
+        sessions[name] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def _interleaved_times(sessions: dict, feeds: dict, rounds: int, calls: int) -> dict:
+    """{name: [seconds per call, one per round]}: every round runs each session `calls` times, in turn."""
+    times = {n: [] for n in sessions}
+    for _ in range(rounds):
+        for n, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                s.run(None, feeds)
+            times[n].append((time.perf_counter() - t0) / calls)
+    return times
+
+
 def speed_models(factors, trans_b: int):
     """{variant: (model bytes, weight bytes)}: one node per factor of the given orientation, all reading
     the same A (every weight streamed once per call, as in a decode step)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from fips_rt.exporter.sparse_op import quantize_sparse
     sel = [f for f in factors if (f[1] == "out") == bool(trans_b)]
     rows, cols = sel[0][2], sel[0][3]
     sel = [f for f in sel if (f[2], f[3]) == (rows, cols)]  # one A for all: the common shape (576 x 1536)
     k = cols if trans_b else rows
     n_out = rows if trans_b else cols
-    a_in = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["t", k])]
-    outs = [helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["t", n_out]) for i in range(len(sel))]
+    a_in, outs = _io(k, n_out, len(sel))
     models = {}
     # fp32 SparseMatMul
     nodes, inits, wbytes = [], [], 0
@@ -154,26 +216,19 @@ def speed_models(factors, trans_b: int):
         wbytes += values.nbytes + mask.nbytes
     models["fips fp32"] = (_graph(nodes, a_in, outs, inits).SerializeToString(), wbytes)
     for bits, g in SPEED_Q:
-        nodes, inits, wbytes = [], [], 0
-        for i, (_, _, r, c, values, mask, _) in enumerate(sel):
-            q = quantize_sparse(values, mask, r, c, bits, g)
-            inits += [numpy_helper.from_array(q.qvalues, f"q{i}"), numpy_helper.from_array(q.scales, f"s{i}"),
-                      numpy_helper.from_array(mask, f"m{i}")]
-            nodes.append(helper.make_node("QSparseMatMul", ["A", f"q{i}", f"s{i}", f"m{i}"], [f"Y{i}"], domain="fips",
-                                          rows=r, cols=c, transB=trans_b, bits=bits, group_size=g))
-            wbytes += sum(q.nbytes.values())
+        qms = [(quantize_sparse(values, mask, r, c, bits, g), mask) for _, _, r, c, values, mask, _ in sel]
+        nodes, inits = _qsparse_case(qms, rows, cols, trans_b, bits, g)
+        wbytes = sum(sum(q.nbytes.values()) for q, _ in qms)
         models[f"fips int{bits} " + ("row" if g == 0 else f"g{g}")] = (_graph(nodes, a_in, outs, inits).SerializeToString(),
                                                                       wbytes)
     # dense equivalent weight: MatMul(A, W) with W [k, n_out], quantized by onnxruntime's MatMulNBits
-    nodes, inits = [], []
-    for i, (_, _, r, c, values, mask, _) in enumerate(sel):
+    denses = []
+    for _, _, r, c, values, mask, _ in sel:
         keep = np.unpackbits(mask, count=r * c, bitorder="little").astype(bool)
         dense = np.zeros(r * c, np.float32)
         dense[keep] = values
-        dense = dense.reshape(r, c)
-        w = np.ascontiguousarray(dense.T if trans_b else dense)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", ["A", f"w{i}"], [f"Y{i}"]))
+        denses.append(dense.reshape(r, c))
+    nodes, inits = _dense_case(denses, trans_b)
     dense_model = _graph(nodes, a_in, outs, inits)
     models["dense fp32 MatMul"] = (dense_model.SerializeToString(), sum(t.raw_data.__len__() for t in inits))
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -193,28 +248,13 @@ def speed_models(factors, trans_b: int):
 
 
 def time_models(models, k: int, tokens: int, rounds: int, calls: int, threads: int, lib: str) -> dict:
-    import onnxruntime as ort
-    sessions = {}
-    for name, (data, _) in models.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        if name.startswith("fips"):
-            so.register_custom_ops_library(lib)
-        # prepacking on (onnxruntime's default): the MatMulNBits kernels need it
-        sessions[name] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    sessions = _sessions({name: data for name, (data, _) in models.items()}, threads, lib)
     a = np.random.default_rng(0).standard_normal((tokens, k)).astype(np.float32)
     feeds = {"A": a}
     for s in sessions.values():
         for _ in range(3):
             s.run(None, feeds)
-    times = {n: [] for n in sessions}
-    for _ in range(rounds):
-        for n, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                s.run(None, feeds)
-            times[n].append((time.perf_counter() - t0) / calls)
+    times = _interleaved_times(sessions, feeds, rounds, calls)
     return {n: float(np.median(v)) for n, v in times.items()}
 
 
@@ -262,6 +302,80 @@ def mask_costs(factors) -> dict:
     return {"nnz": nnz, "density": nnz / sum(f[2] * f[3] for f in factors),
             "bitmask_bits_per_kept": mask_bits / nnz, "row_entropy_bound_bits_per_kept": ent / nnz,
             "lzma_bits_per_kept": lz / nnz}
+
+
+# ---------------------------------------------------------------------------- micro (issue 12 target)
+def micro(rounds: int, threads: int, nodes: int, lib: str, rows: int = 576, cols: int = 1536,
+          density: float = 0.47) -> dict:
+    """Per-node time of fips.QSparseMatMul int8 per-row (exact, and activation_bits=8) against MatMulNBits 8 bits,
+    block 32, accuracy_level 4, prepacking on, of the same dense shape: sessions of `nodes` nodes (random V of
+    the SmolLM2 shape, all reading one A), interleaved rounds in one process, T = 1 and 16, both orientations.
+    Also the act8 output's error against the float64 product."""
+    import logging
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from fips_rt.exporter.sparse_op import quantize_sparse
+    logging.getLogger().setLevel(logging.ERROR)
+    rng = np.random.default_rng(0)
+    facs = []
+    for _ in range(nodes):
+        keep = rng.random((rows, cols)) < density
+        mask = np.packbits(keep.reshape(-1), bitorder="little")
+        q = quantize_sparse((rng.standard_normal(int(keep.sum())) * 0.05).astype(np.float32), mask, rows, cols, 8, 0)
+        dense = np.zeros(rows * cols)
+        dense[keep.reshape(-1)] = q.dequantize()
+        facs.append((q, dense.reshape(rows, cols)))
+    out = {}
+    for tb in (0, 1):
+        k, n_out = (cols, rows) if tb else (rows, cols)
+        a_in, outs = _io(k, n_out, nodes)
+        models = {}
+        for name, extra in (("fips int8 row (exact)", {}), ("fips int8 row, activation_bits=8", {"activation_bits": 8})):
+            nl, inits = _qsparse_case([(q, q.mask) for q, _ in facs], rows, cols, tb, 8, 0, **extra)
+            models[name] = _graph(nl, a_in, outs, inits)
+        nl, inits = _dense_case([dense for _, dense in facs], tb)
+        qz = MatMulNBitsQuantizer(_graph(nl, a_in, outs, inits), bits=8, block_size=32, is_symmetric=True,
+                                  accuracy_level=4)
+        qz.process()
+        models["MatMulNBits 8b bs32 acc4"] = qz.model.model
+        sessions = _sessions({name: m.SerializeToString() for name, m in models.items()}, threads, lib)
+        for tokens in (1, 16):
+            a = np.random.default_rng(tokens).standard_normal((tokens, k)).astype(np.float32)
+            feeds = {"A": a}
+            errs = {}
+            for name, s in sessions.items():
+                ys = s.run(None, feeds)
+                if name.startswith("fips"):
+                    worst = 0.0
+                    for y, (_, dense) in zip(ys, facs):
+                        want = a.astype(np.float64) @ (dense.T if tb else dense)
+                        worst = max(worst, float(np.abs(y - want).max() / np.abs(want).max()))
+                    errs[name] = worst
+            calls = 40 if tokens == 1 else 8
+            times = {nm: [t / nodes for t in v] for nm, v in _interleaved_times(sessions, feeds, rounds, calls).items()}
+            base = float(np.median(times["MatMulNBits 8b bs32 acc4"]))
+            key = f"transB={tb} T={tokens}"
+            out[key] = {nm: {"us_per_node": float(np.median(v)) * 1e6, "ratio": float(np.median(v)) / base,
+                             "max_rel_err_vs_float64": errs.get(nm)} for nm, v in times.items()}
+            print(key, json.dumps({nm: round(r["ratio"], 3) for nm, r in out[key].items()}), file=sys.stderr)
+    return out
+
+
+def micro_markdown(res: dict) -> str:
+    lines = ["# fips.QSparseMatMul int8 per-row vs MatMulNBits-8 (accuracy_level 4), one node (benchmarks/qkernel_bench.py --part micro)",
+             "", f"V {res['rows']} x {res['cols']}, density {res['density']}, int8 codes with per-row scales; "
+             f"{res['nodes']} nodes per session (distinct random V, one A), per-node time = call time / nodes; "
+             f"{res['threads']} threads; median of {res['rounds']} interleaved rounds; MatMulNBits: the dense "
+             "equivalent weight, 8 bits, block 32, symmetric, accuracy_level 4, prepacking on.",
+             f"Machine: {res['machine'].get('cpu_model')} ({res['machine'].get('cpus')} CPUs), load average before / "
+             f"after {res['load_before'][0]:.1f} / {res['load_after'][0]:.1f}" +
+             (" (a shared, loaded machine: ratios only)" if max(res['load_before'][0], res['load_after'][0]) > 1.5 else ""),
+             "", "| shape | variant | us / node | ratio to MatMulNBits-8 acc4 | max rel. err vs float64 |", "|---|---|---|---|---|"]
+    for key, rows in res["micro"].items():
+        for name, r in rows.items():
+            err = r["max_rel_err_vs_float64"]
+            lines.append(f"| {key} | {name} | {r['us_per_node']:.1f} | {r['ratio']:.2f} | "
+                         f"{'' if err is None else f'{err:.1e}'} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- report
@@ -344,12 +458,13 @@ def plot(res: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default=CHECKPOINT)
-    ap.add_argument("--part", choices=["all", "quality", "speed"], default="all",
+    ap.add_argument("--part", choices=["all", "quality", "speed", "micro"], default="all",
                     help="quality (no timing), speed (run it under flock /tmp/fips-timing.lock) or both; a part run "
                          "alone keeps the other part of an existing OUT.json")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.png")
+    ap.add_argument("--nodes", type=int, default=8, help="--part micro: nodes per session")
+    ap.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.png (--part micro: OUT.json, OUT.md)")
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT.png from OUT.json (no measurement)")
     args = ap.parse_args()
     if args.plot_only:
@@ -358,6 +473,23 @@ def main() -> None:
         plot(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out).with_suffix(".png"))
         return
     sys.path.insert(0, str(ROOT))
+    if args.part == "micro":
+        from fips_rt.runtime import native
+        lib = native.library_path()
+        if lib is None:
+            sys.exit("the native kernel library could not be built")
+        res = {"machine": machine(), "rows": 576, "cols": 1536, "density": 0.47, "nodes": args.nodes,
+               "threads": args.threads, "rounds": args.rounds, "load_before": list(os.getloadavg())}
+        res["micro"] = micro(args.rounds, args.threads, args.nodes, str(lib))
+        res["load_after"] = list(os.getloadavg())
+        res["kernel"] = native.kernel_info(lib)
+        print(micro_markdown(res))
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+            out.with_suffix(".md").write_text(micro_markdown(res))
+        return
     res: dict = {}
     if args.out and Path(args.out).with_suffix(".json").is_file() and args.part != "all":
         res = json.loads(Path(args.out).with_suffix(".json").read_text())

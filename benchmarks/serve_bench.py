@@ -365,8 +365,9 @@ def main():
     ap.add_argument("--bench-decode-tokens", type=int, default=128)
     ap.add_argument("--bench-repetitions", type=int, default=3)
     ap.add_argument("--note", default="", help="What else ran on the machine (recorded in the results).")
-    ap.add_argument("--flush-wait-ms", type=float, default=0.0,
-                    help="The server's --flush-wait-ms (0: the scheduler does not wait for a step's tokens to be sent).")
+    ap.add_argument("--flush-wait-ms", type=float, default=3.0,
+                    help="The server's --flush-wait-ms (fips serve's default, 3; 0: the scheduler does not wait for a "
+                         "step's tokens to be sent).")
     args = ap.parse_args()
     from fips_rt.runtime.bench import machine_info
     t0 = time.time()

@@ -239,7 +239,7 @@ def export(model, output_path: str | os.PathLike, *, dtype: str | None = None, o
            last_logits_only: bool = False, verify: bool = True, external_data: bool | None = None,
            checkpoint: str | None = None, log=None, weights: str | None = None, block_size: int | None = None,
            accuracy_level: int | None = None, sparse_group_size: int | None = None,
-           basis_accuracy_level: int | None = None, basis_weights: str = "fp32") -> ExportReport:
+           basis_accuracy_level: int | None = None, basis_weights: str | None = None) -> ExportReport:
     """Export a dense or compressed model to ONNX; returns an :class:`ExportReport`.
 
     model: a ``LoadedModel``, an ``nn.Module`` of a supported family, a fips-rt ``model.pt`` (FiPS or
@@ -254,9 +254,9 @@ def export(model, output_path: str | os.PathLike, *, dtype: str | None = None, o
     weights: "fp32" / "fp16" (same as ``dtype``) or "int8" / "int4" (exporter/quantize.py: MatMulNBits by
         onnxruntime's MatMulNBitsQuantizer with ``block_size`` and ``accuracy_level``, FiPS V through
         fips.QSparseMatMul with ``sparse_group_size`` (None: sparse_op.DEFAULT_GROUP_SIZE), the FiPS basis
-        products x·U, t·Uᵀ in fp32 (``basis_weights="fp32"``, the default: measured, 8-bit U costs FiPS int8
-        ~4% perplexity, docs/export.md) or 8-bit MatMulNBits (``"int8"``) at ``basis_accuracy_level``
-        (None: ``accuracy_level``)).
+        products x·U, t·Uᵀ as 8-bit MatMulNBits at ``basis_accuracy_level`` (None: ``accuracy_level``) after
+        the exact rescaling of exporter/balance.py (``basis_weights="int8"``, the default for int8/int4), or
+        left in fp32 (``"fp32"``).
     external_data: True/False to force; None = only when the weights exceed the 2 GB protobuf limit.
     """
     say = log or (lambda *_: None)
@@ -270,10 +270,13 @@ def export(model, output_path: str | os.PathLike, *, dtype: str | None = None, o
     lm = _load(model, checkpoint)
     from .configs import config_for
     cfg_cls = config_for(lm)
+    if basis_weights is None:
+        basis_weights = "int8"
     if basis_weights not in ("fp32", "int8"):
         raise FipsError(f"basis weights must be fp32 or int8 (got {basis_weights!r}).")
     config = cfg_cls(lm, dtype=dtype, opset=int(opset), last_logits_only=last_logits_only, weights=weights,
-                     sparse_group_size=sparse_group_size, basis_weights=basis_weights)
+                     sparse_group_size=sparse_group_size, basis_weights=basis_weights,
+                     sparse_activation_bits=8 if accuracy_level == 4 else 0)
     if last_logits_only and config.kind != "causal-lm":
         raise FipsError("--last-logits-only applies to causal language models only.")
     if config.quantized and not config.QUANTIZABLE:
@@ -286,6 +289,9 @@ def export(model, output_path: str | os.PathLike, *, dtype: str | None = None, o
     remove_stale_temporaries(out)  # scratch folders of killed earlier runs
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out)) as scratch, torch.no_grad():
         proto, tags = config.build(Path(scratch))
+    if config.build_facts.get("balanced"):
+        say(f"rescaled {config.build_facts['balanced']} FiPS bases for the 8-bit basis products (exact; "
+            "exporter/balance.py)")
     quant = None
     if config.quantized:
         from fips_rt.runtime.contract import QuantizationInfo

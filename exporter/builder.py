@@ -7,7 +7,9 @@ becomes one initializer whatever number of nodes use it. Every initializer carri
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -55,6 +57,9 @@ class GraphBuilder:
     sparse_bits: int | None = None
     sparse_group_size: int | None = None
     basis_float: bool = False  # quantizable form with float U: t·Uᵀ stays Gemm(transB=1) on the one stored U
+    # fips.QSparseMatMul activation_bits: 8 = int8 activations for int8 per-row V (the VNNI kernels of
+    # docs/sparse-op.md; set with --accuracy-level 4, the level at which MatMulNBits does the same); 0 = exact
+    sparse_activation_bits: int = 0
     # node names whose activations must never be quantized (the FiPS basis products x·U, t·U^T)
     basis_nodes: set = field(default_factory=set)
 
@@ -67,6 +72,7 @@ class GraphBuilder:
         self._counter = 0
         self._by_identity: dict[tuple, str] = {}
         self._consts: dict[tuple, str] = {}
+        self._output_values: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ naming / scopes
     @contextlib.contextmanager
@@ -107,8 +113,9 @@ class GraphBuilder:
         qv = self.add_initializer(f"{name}.qvalues", q.qvalues)
         sc = self.add_initializer(f"{name}.scales", np.asarray(q.scales, np.float32))
         mk = self.add_initializer(f"{name}.mask", q.mask)
+        extra = {"activation_bits": 8} if self.sparse_activation_bits == 8 and q.bits == 8 and q.group_size == 0 else {}
         return self.op(Q_OP_TYPE, [a, qv, sc, mk], domain=DOMAIN, rows=int(q.rows), cols=int(q.cols),
-                       transB=int(trans_b), bits=int(q.bits), group_size=int(q.group_size))
+                       transB=int(trans_b), bits=int(q.bits), group_size=int(q.group_size), **extra)
 
     def matmul_t(self, x: str, tensor, name: str, bias: str | None = None, *, basis: bool = False) -> str:
         """x @ W^T for a stored [out, in] weight as ``MatMul(x, W^T)``: the initializer is the transposed
@@ -276,14 +283,40 @@ class GraphBuilder:
         return name
 
     def add_output(self, value: str, name: str, elem_type: int, shape: list) -> None:
-        self.op("Identity", [value], [name])
+        """Make ``value`` the graph output ``name``. The node producing ``value`` writes the output directly
+        (its output is renamed when the model is made, see ``_bind_outputs``): no ``Identity`` copy, which
+        for the KV cache (``present.*``) would copy every cache once more per step."""
+        self._output_values.append((value, name))
         self.outputs.append(IOInfo(name, elem_type, shape))
+
+    def _bind_outputs(self) -> list:
+        """The graph's nodes with every output value renamed to its output name (consumers follow). An
+        ``Identity`` stays only where a rename is impossible: the value is a graph input or an initializer
+        (no node produces it), or it is already another output or is produced twice."""
+        producers = collections.Counter(out for node in self.nodes for out in node.output)
+        rename: dict[str, str] = {}
+        extra = []
+        for value, name in self._output_values:
+            if value == name:
+                continue
+            if producers[value] == 1 and value not in rename and name not in producers:
+                rename[value] = name
+            else:
+                extra.append(helper.make_node("Identity", [rename.get(value, value)], [name], name=f"/output/{name}"))
+        nodes = []
+        for node in self.nodes:
+            if any(x in rename for x in (*node.input, *node.output)):
+                node = copy.deepcopy(node)
+                node.input[:] = [rename.get(x, x) for x in node.input]
+                node.output[:] = [rename.get(x, x) for x in node.output]
+            nodes.append(node)
+        return nodes + extra
 
     def make_model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
         def vi(io: IOInfo):
             return helper.make_tensor_value_info(io.name, io.elem_type, io.shape)
 
-        graph = helper.make_graph(self.nodes, graph_name, [vi(i) for i in self.inputs], [vi(o) for o in self.outputs],
+        graph = helper.make_graph(self._bind_outputs(), graph_name, [vi(i) for i in self.inputs], [vi(o) for o in self.outputs],
                                   list(self.initializers.values()))
         opsets = [helper.make_opsetid("", self.opset)]
         functions = []

@@ -47,7 +47,7 @@ class ExportConfig:
     QUANTIZABLE: ClassVar[bool] = True
 
     def __init__(self, lm, *, dtype: str, opset: int, last_logits_only: bool = False, weights: str | None = None,
-                 sparse_group_size: int | None = None, basis_weights: str = "fp32"):
+                 sparse_group_size: int | None = None, basis_weights: str = "int8", sparse_activation_bits: int = 0):
         self.lm = lm
         self.model = lm.model
         self.dtype = dtype
@@ -56,6 +56,7 @@ class ExportConfig:
         self.weights = weights or dtype
         self.sparse_group_size = sparse_group_size
         self.basis_weights = basis_weights
+        self.sparse_activation_bits = sparse_activation_bits
         self.build_facts: dict = {}  # what the builder knew that quantization needs (basis nodes, tied head)
 
     @property
@@ -83,10 +84,12 @@ class ExportConfig:
             b.sparse_bits = {"int8": 8, "int4": 4}[self.weights]
             b.sparse_group_size = self.sparse_group_size
             b.basis_float = self.basis_weights == "fp32"
-        plan_fips(b, self.model)
+            b.sparse_activation_bits = self.sparse_activation_bits
+        plan_fips(b, self.model, balance=self.quantized and self.basis_weights == "int8")
         build_fn(b, self.model, **kwargs)
         self.build_facts = {"basis_nodes": set(b.basis_nodes), "tied_head": dict(b.memo.get("tied_head", {})),
-                            "bases": len(b.memo.get("basis_names", {}))}
+                            "bases": len(b.memo.get("basis_names", {})),
+                            "balanced": sum(1 for s in b.memo.get("basis_scale", {}).values() if s is not None)}
         return b.make_model(type(self.model).__name__, doc="fips-rt export"), dict(b.tags)
 
     def contract_spec(self):

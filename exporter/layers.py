@@ -63,9 +63,21 @@ def used_rank(model) -> dict[int, np.ndarray]:
     return {k: np.flatnonzero(v) if v.any() else np.array([0]) for k, v in used.items()}
 
 
-def plan_fips(b: GraphBuilder, model) -> None:
-    """Call once before building a graph with FiPS layers: records the used basis directions."""
+def plan_fips(b: GraphBuilder, model, *, balance: bool = False) -> None:
+    """Call once before building a graph with FiPS layers: records the used basis directions and, with
+    ``balance`` (8-bit basis products), the exact per-direction rescaling of exporter/balance.py."""
     b.memo["basis_keep"] = used_rank(model)
+    if balance:
+        from .balance import basis_scales
+        b.memo["basis_scale"] = basis_scales(model)
+
+
+def _scale(b: GraphBuilder, basis, keep: np.ndarray | None) -> np.ndarray | None:
+    """The balance factors of ``basis`` restricted to its used directions (None: no rescaling)."""
+    s = b.memo.get("basis_scale", {}).get(id(basis.weight))
+    if s is None:
+        return None
+    return (s if keep is None else s[keep]).astype(np.float32)
 
 
 def _keep(b: GraphBuilder, basis) -> np.ndarray | None:
@@ -81,9 +93,16 @@ def _basis_name(b: GraphBuilder, basis) -> str:
     key = id(basis.weight)
     if key not in names:
         keep = _keep(b, basis)
+        s = _scale(b, basis, keep)
         # the trimmed U goes in as a numpy array: GraphBuilder.weight deduplicates torch tensors by data
         # pointer, and a temporary tensor's memory can be reused by the next one
-        U = basis.weight if keep is None else np.ascontiguousarray(basis.weight.detach().float().cpu().numpy()[:, keep])
+        U = basis.weight if keep is None and s is None else basis.weight.detach().float().cpu().numpy()
+        if keep is not None:
+            U = U[:, keep]
+        if s is not None:
+            U = U * s[None, :]
+        if not hasattr(U, "detach"):
+            U = np.ascontiguousarray(U, dtype=np.float32)
         name = f"fips.basis.{len(names)}"
         if b.matmul_form:  # keep the float U for the transposed copy of t·Uᵀ
             b.memo.setdefault("basis_orig", {})[key] = (U.detach().float().cpu().numpy() if hasattr(U, "detach")
@@ -95,13 +114,18 @@ def _basis_name(b: GraphBuilder, basis) -> str:
 def _packed(b: GraphBuilder, m: FipsLinear) -> tuple[np.ndarray, np.ndarray, int, int]:
     """(values, mask bytes, rows, cols) of V restricted to the used directions of its basis."""
     keep = _keep(b, m.basis)
-    if keep is None:
+    s = _scale(b, m.basis, keep)
+    if keep is None and s is None:
         values, mask = m.packed()
         r, c = m.V.shape
         return values, mask, r, c
     from fips_rt.sparse_format import pack
-    V = m.V.detach().float().cpu().numpy()[keep]
-    values, mask = pack(V, m.mask.cpu().numpy()[keep])
+    V, M = m.V.detach().float().cpu().numpy(), m.mask.cpu().numpy()
+    if keep is not None:
+        V, M = V[keep], M[keep]
+    if s is not None:
+        V = V / s[:, None]
+    values, mask = pack(np.ascontiguousarray(V, dtype=np.float32), M)
     return values, mask, V.shape[0], V.shape[1]
 
 

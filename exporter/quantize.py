@@ -11,11 +11,12 @@ What is done here, in order:
 
 1. ``MatMulNBitsQuantizer`` (symmetric, ``bits``, ``block_size``, ``accuracy_level``) on every MatMul with a
    constant weight except the FiPS basis products;
-2. the basis products: by default (``basis_weights="fp32"``) U stays fp32, one copy (x·U a MatMul left
-   alone, t·Uᵀ a Gemm on the same initializer): measured on the SmolLM2 FiPS checkpoint, 8-bit U costs
-   FiPS int8 ~4% perplexity (docs/export.md), and U is 10.5 MB of its 57.8 MB of MLP bytes. With
-   ``basis_weights="int8"``: a second pass of the same quantizer, 8-bit weights (two layouts, since the
-   blocks run along d for x·U and r for t·Uᵀ), at ``basis_accuracy_level`` (default: the level of the rest).
+2. the basis products: by default (``basis_weights="int8"``) a second pass of the same quantizer, 8-bit
+   weights (two layouts, since the blocks run along d for x·U and r for t·Uᵀ) at ``basis_accuracy_level``
+   (default: the level of the rest), on factors the exporter first rescaled exactly
+   (exporter/balance.py: without it the int8 activations of t·Uᵀ cost FiPS ~3% perplexity). With
+   ``basis_weights="fp32"`` U stays fp32, one copy (x·U a MatMul left alone, t·Uᵀ a Gemm on the same
+   initializer).
    The basis products never go through a quantizer that picks activation ranges for the graph
    (``quantize_dynamic``/QDQ: per-tensor ranges of x·U, the ~12,800-perplexity failure of issue 12).
    Accuracy level 4 makes MatMulNBits quantize its input A to int8 per block of ``block_size`` values
@@ -177,7 +178,7 @@ def _retag(proto: onnx.ModelProto, tags: dict[str, str]) -> dict[str, str]:
 
 def quantize_model(proto: onnx.ModelProto, tags: dict[str, str], *, weights: str, block_size: int,
                    accuracy_level: int, basis_nodes: set[str], tied_head: dict[str, str],
-                   basis_accuracy_level: int | None = None, basis_weights: str = "fp32") -> QuantizeResult:
+                   basis_accuracy_level: int | None = None, basis_weights: str = "int8") -> QuantizeResult:
     """Quantize the MatMul-form ``proto`` (see the module docstring); ``tags`` name each initializer's part."""
     import onnxruntime
     bits = WEIGHT_BITS[weights]

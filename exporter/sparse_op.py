@@ -335,7 +335,8 @@ def qsparse_matmul_function(opset: int) -> onnx.FunctionProto:
 
     The SparseMatMul body with the values computed from the codes first (docs/sparse-op.md)::
 
-        bits, group_size ──► more terms of `worst` (bits in {4, 8}, 0 <= group_size < 2**31)
+        bits, group_size, activation_bits ──► more terms of `worst` (bits in {4, 8}, 0 <= group_size < 2**31,
+              activation_bits in {0, 8}; the body always computes with float A: the exact reference)
         CastLike(-1 / 256, qvalues) ─DequantizeLinear─► qvalues is int8 (bits 8) / uint8 (bits 4)
         nnz = len(idx);  Reshape(Concat(DequantizeLinear(qvalues, 1, zero), 0), ceil(nnz*bits/8) + 1)
               ─Mod 256─► bytes u ─[u mod d, floor(u/d) mod d]─Slice(step 8/bits... )─► codes [nnz]
@@ -373,7 +374,14 @@ def qsparse_matmul_function(opset: int) -> onnx.FunctionProto:
         t_sign = node("Sub", [one_d, node("Abs", [node("Sub", [signed_d, is8_d], "sdiff")], "sdiff_a")], "t_sign")
         t_wide = node("Sub", [one_d, node("Abs", [node("Cast", [p_wide], "p_wide_d", to=TensorProto.DOUBLE)],
                                           "p_wide_a")], "t_wide")
-        return [t_bits, t_g_lo, t_g_hi, t_sign, t_wide]
+        # activation_bits (default 0): 1 - |ab| * |ab - 8| >= 1 iff it is 0 or 8. The body computes with float
+        # activations either way: activation_bits = 8 only permits the native kernel to quantize A (the
+        # tolerance of docs/sparse-op.md, "activation_bits"); this body is its exact-float reference.
+        ab_d = node("Cast", [b.attr_const("act_bits_i", "activation_bits")], "ab_d", to=TensorProto.DOUBLE)
+        t_act = node("Sub", [one_d, node("Mul", [node("Abs", [ab_d], "ab_a"),
+                                                 node("Abs", [node("Sub", [ab_d, "eight_d"], "ab8")], "ab8a")],
+                                         "abprod")], "t_act")
+        return [t_bits, t_g_lo, t_g_hi, t_sign, t_wide, t_act]
 
     zero64, n, cols_1, zero_1 = _checked_zero(b, q_terms, "fips_QSparseMatMul_check_attributes")
     idx = _kept_index(b, opset, zero64, n, zero_1, "fips_QSparseMatMul_check_mask_length")
@@ -417,10 +425,11 @@ def qsparse_matmul_function(opset: int) -> onnx.FunctionProto:
     values = node("Mul", [codes, node("Gather", [s_rt, grp], "s_k", axis=0)], "deq")
     _scatter_gemm(b, np.float32, n, idx, values, cols_1)
     default_transb = helper.make_attribute("transB", 0)
+    default_act_bits = helper.make_attribute("activation_bits", 0)
     return helper.make_function(
         DOMAIN, Q_OP_TYPE, ["A", "qvalues", "scales", "mask"], ["Y"], b.nodes,
         [helper.make_opsetid("", opset)], attributes=["rows", "cols", "bits", "group_size"],
-        attribute_protos=[default_transb],
+        attribute_protos=[default_transb, default_act_bits],
         doc_string="Y = A @ V (transB=0) or A @ V^T (transB=1); V [rows, cols] = q * scale of the kept entries "
                    "(int8, or int4 packed two per byte; scales per row or per group_size kept entries), "
                    "scattered by the little-endian packed bitmask (docs/sparse-op.md). Reference body.")

@@ -131,9 +131,11 @@ def bench_command(model, baseline, json_path, markdown_path, plot_path, prompt_l
               help="SIGTERM/SIGINT: seconds in-flight requests may still run; then they end with an error event.")
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Open connections (and tasks) beyond which uvicorn answers 503.")
-@click.option("--flush-wait-ms", default=0.0, show_default=True, type=click.FloatRange(0, 1000),
-              help="After each step, wait at most this long for its tokens to be sent before the next step "
-                   "(0: do not wait; e.g. 5 on a 2-core machine, experimental).")
+@click.option("--flush-wait-ms", default=3.0, show_default=True, type=click.FloatRange(0, 1000),
+              help="After each step, wait at most this long for its tokens to be sent before the next step, so "
+                   "that the HTTP writes do not compete with onnxruntime's threads during the next call (0: do "
+                   "not wait; measured on a 2-core machine: one client's inter-token gap 146 ms with 3 against "
+                   "172 ms with 0 under load, 16 clients unchanged).")
 @click.option("--quiet", is_flag=True, help="No access log.")
 def serve_command(model, host, port, threads, kernel, provider, spinning, prepacking, name, max_body_bytes,
                   max_prompt_tokens,

@@ -42,15 +42,17 @@ def window_nll(logits: np.ndarray, ids: Sequence[int]) -> tuple[float, int]:
     return float((lse - x[np.arange(len(target)), target]).sum()), int(len(target))
 
 
-def perplexity(model, windows: Sequence[Sequence[int]], *, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Perplexity of ``model`` (a ``fips_rt.runtime.Model`` of kind causal-lm) on ``windows``."""
+def perplexity(model, windows: Sequence[Sequence[int]], *, progress: Callable[[int, int], None] | None = None,
+               chunk: int | None = None) -> dict:
+    """Perplexity of ``model`` (a ``fips_rt.runtime.Model`` of kind causal-lm) on ``windows``; ``chunk``:
+    each window runs through the KV cache that many tokens per call (``Model.sequence_logits``)."""
     if not windows:
         raise FipsRuntimeError("no evaluation windows")
     nll, count, t0 = 0.0, 0, time.perf_counter()
     for k, w in enumerate(windows):
-        s, n = window_nll(model.sequence_logits(w), w)
+        s, n = window_nll(model.sequence_logits(w) if chunk is None else model.sequence_logits(w, chunk), w)
         nll, count = nll + s, count + n
         if progress is not None:
             progress(k + 1, len(windows))
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows),
-            "seq_len": len(windows[0]), "seconds": round(time.perf_counter() - t0, 2)}
+            "seq_len": len(windows[0]), "chunk": chunk, "seconds": round(time.perf_counter() - t0, 2)}

@@ -52,17 +52,49 @@ class KVCache:
         self.length = length
 
 
+class _KVStore:
+    """The memory behind a :class:`BatchKVCache` made by :meth:`CausalLM.stack_caches`: two sets of flat
+    buffers per past input, used in turn. A decoding step reads its past from one set and onnxruntime writes
+    the ``present`` outputs straight into the other (IOBinding), so that a row joins the batch by being
+    written behind the last row and a finished row leaves by moving the last row into its place, without
+    copying the others. ``max_rows`` rows fit without reallocating; columns grow ``COL_SLACK`` at a time."""
+
+    COL_SLACK = 32
+
+    def __init__(self, specs: list, max_rows: int):
+        self.dims = [(heads, head_dim) for (_, heads, _, head_dim), _ in specs]
+        self.dtypes = [np.dtype(dt) for _, dt in specs]
+        self.max_rows = max(1, int(max_rows))
+        self.flat = [[np.empty(0, dt) for dt in self.dtypes] for _ in range(2)]
+
+    def fits(self, s: int, rows: int, width: int) -> bool:
+        return all(f.size >= rows * h * width * d for f, (h, d) in zip(self.flat[s], self.dims))
+
+    def reserve(self, s: int, rows: int, width: int) -> None:
+        """Room for ``rows`` x ``width`` in set ``s`` (what it held is lost when it grows)."""
+        for j, ((h, d), dt) in enumerate(zip(self.dims, self.dtypes)):
+            if self.flat[s][j].size < rows * h * width * d:
+                self.flat[s][j] = np.empty(max(rows, self.max_rows) * h * (width + self.COL_SLACK) * d, dt)
+
+    def views(self, s: int, rows: int, width: int) -> list[np.ndarray]:
+        return [f[:rows * h * width * d].reshape(rows, h, width, d) for f, (h, d) in zip(self.flat[s], self.dims)]
+
+
 class BatchKVCache:
     """Past keys/values of several sequences stacked on the batch axis (``[batch, kv_heads, width,
     head_dim]`` per past input), each row **left-padded**: row ``b`` holds its ``lengths[b]`` positions in
     the last ``lengths[b]`` columns, the columns before them are zeros that the attention mask hides.
-    ``values`` are onnxruntime values or C-contiguous numpy arrays, fed back without copies."""
+    ``values`` are onnxruntime values or C-contiguous numpy arrays, fed back without copies. A batch made by
+    :meth:`CausalLM.stack_caches` lives in a ``_KVStore`` (set ``slot`` of it); passing it to
+    :meth:`CausalLM.decode_batch` hands its memory back: the step after the next one overwrites it."""
 
-    __slots__ = ("values", "lengths")
+    __slots__ = ("values", "lengths", "store", "slot")
 
-    def __init__(self, values: list, lengths: Sequence[int]):
+    def __init__(self, values: list, lengths: Sequence[int], store: _KVStore | None = None, slot: int = 0):
         self.values = values
         self.lengths = [int(x) for x in lengths]
+        self.store = store
+        self.slot = slot
 
     @property
     def batch_size(self) -> int:
@@ -84,6 +116,33 @@ class BatchKVCache:
 
 def _as_numpy(v) -> np.ndarray:
     return v.numpy() if isinstance(v, ort.OrtValue) else np.asarray(v)  # OrtValue.numpy() shares the memory
+
+
+def _write_row(values: list[np.ndarray], b: int, cache: KVCache, width: int) -> None:
+    """Row ``b`` of ``values`` = ``cache`` left-padded with zeros to ``width`` columns."""
+    n = cache.length
+    for out, v in zip(values, cache.values):
+        out[b, :, :width - n, :] = 0
+        if n:
+            out[b, :, width - n:, :] = _as_numpy(v)[0, :, -n:, :]
+
+
+def _drop_rows(batch: BatchKVCache, keep: list[int]) -> tuple[BatchKVCache, list[int]]:
+    """Rows ``keep`` of ``batch``, in place: the slot of each dropped row is taken by the last kept row.
+    Returns the smaller batch (views of the same memory) and, per row, its index in ``batch``."""
+    order = list(range(batch.batch_size))
+    kept = set(keep)
+    for hole in sorted(set(order) - kept):
+        while order and order[-1] not in kept:
+            order.pop()
+        if hole >= len(order):
+            break
+        for v in batch.values:
+            v[hole] = v[len(order) - 1]
+        order[hole] = order.pop()
+    rows = len(order)
+    values = [v[:rows] for v in batch.values]
+    return BatchKVCache(values, [batch.lengths[i] for i in order], batch.store, batch.slot), order
 
 
 KIND_NAMES = {C.CAUSAL_LM: "causal language model", C.ENCODER: "sentence encoder", C.VIT: "image classifier"}
@@ -306,14 +365,24 @@ class CausalLM(Model):
         logits, new_cache = self._run(ids, cache)
         return np.asarray(logits[0, -1], dtype=np.float32), new_cache
 
-    def sequence_logits(self, ids: Sequence[int]) -> np.ndarray:
+    def sequence_logits(self, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
         """Logits of every position ``[len(ids), vocab]`` (float32) of one sequence run from scratch: what
-        perplexity needs. Refused for an export made with ``--last-logits-only``."""
+        perplexity needs. ``chunk``: run the sequence through the KV cache ``chunk`` tokens per call (the
+        shapes decoding and batched serving run, e.g. 1 or 16), instead of in one call. Refused for an
+        export made with ``--last-logits-only``."""
         if getattr(self, "last_logits_only", False):
             raise FipsRuntimeError(f"{self.name} was exported with --last-logits-only: it returns the last "
                                    f"position's logits only, so perplexity cannot be computed from it")
-        logits, _ = self._run(ids, None)
-        return np.asarray(logits[0], dtype=np.float32)
+        if chunk is None or chunk >= len(ids):
+            logits, _ = self._run(ids, None)
+            return np.asarray(logits[0], dtype=np.float32)
+        if not self.has_kv_cache:
+            raise FipsRuntimeError(f"{self.name} has no KV cache: it cannot be scored in chunks")
+        parts, cache = [], None
+        for s in range(0, len(ids), max(1, int(chunk))):
+            logits, cache = self._run(ids[s:s + chunk], cache)
+            parts.append(np.asarray(logits[0], dtype=np.float32))
+        return np.concatenate(parts)
 
     def _run(self, ids: Sequence[int], cache: KVCache | None) -> tuple[np.ndarray, KVCache | None]:
         self._require("causal-lm", "forward()")
@@ -362,23 +431,57 @@ class CausalLM(Model):
         inputs (per-row masks hide the left padding, per-row positions keep each sequence's own)."""
         return self.has_kv_cache and self._mask_dtype is not None and self._pos_dtype is not None
 
-    def stack_caches(self, caches: Sequence[KVCache]) -> BatchKVCache:
+    def stack_caches(self, caches: Sequence[KVCache], *, max_rows: int | None = None) -> BatchKVCache:
         """Stack one-sequence caches (e.g. :meth:`BatchKVCache.row` views of an older batch) into a new
-        left-padded :class:`BatchKVCache` as wide as the longest of them (one copy of every cache)."""
+        left-padded :class:`BatchKVCache` as wide as the longest of them (one copy of every cache).
+        ``max_rows``: rows the batch may grow to without reallocating (:meth:`update_batch`)."""
         self._require("causal-lm", "a KV cache")
         if not self.has_kv_cache:
             raise FipsRuntimeError(f"{self.name} was exported without a KV cache; it cannot decode in batches")
         caches = list(caches)
+        store = _KVStore(self._past_specs, max(max_rows or 0, len(caches)))
+        return self._fill(store, 0, caches)
+
+    def _fill(self, store: _KVStore, slot: int, caches: list[KVCache]) -> BatchKVCache:
+        """Write ``caches`` left-padded into set ``slot`` of ``store`` (which must not hold any of them)."""
         lengths = [c.length for c in caches]
         width = max(lengths, default=0)
-        values = []
-        for j, ((_, heads, _, head_dim), dt) in enumerate(self._past_specs):
-            out = np.zeros((len(caches), heads, width, head_dim), dtype=dt)
-            for b, c in enumerate(caches):
-                if c.length:
-                    out[b, :, width - c.length:, :] = _as_numpy(c.values[j])[0, :, -c.length:, :]
-            values.append(out)
-        return BatchKVCache(values, lengths)
+        store.reserve(slot, len(caches), width)
+        values = store.views(slot, len(caches), width)
+        for b, c in enumerate(caches):
+            _write_row(values, b, c, width)
+        return BatchKVCache(values, lengths, store, slot)
+
+    def update_batch(self, batch: BatchKVCache | None, keep: Sequence[int], join: Sequence[KVCache], *,
+                     max_rows: int | None = None) -> tuple[BatchKVCache | None, list[int]]:
+        """The batch of rows ``keep`` of ``batch`` followed by the caches ``join``, mostly in place: a
+        finished row's slot is taken by the last row, a joining cache is written behind the last row; a
+        full restack (one copy of every row) happens only when a joining cache is longer than the batch
+        is wide, there is no room, or a quarter of the columns (at least ``COL_SLACK``) became padding.
+        Returns the new batch (None when empty) and, per row, where it came from: ``i < batch_size`` is
+        row ``i`` of ``batch``, ``batch_size + k`` is ``join[k]``. ``max_rows``: as in :meth:`stack_caches`."""
+        old_rows = batch.batch_size if batch is not None else 0
+        join = list(join)
+        if batch is not None and batch.store is not None and keep:
+            batch, order = _drop_rows(batch, list(keep))
+        else:
+            rows = [batch.row(i) for i in keep] if batch is not None else []
+            batch, order = (self.stack_caches(rows, max_rows=max_rows) if rows else None), list(keep)
+        order += [old_rows + k for k in range(len(join))]
+        if not join:
+            return batch, order
+        if batch is None:
+            return self.stack_caches(join, max_rows=max_rows), order
+        rows, width, store = batch.batch_size, batch.width, batch.store
+        longest = max(batch.lengths + [c.length for c in join])
+        if (longest > width or width - longest >= max(store.COL_SLACK, width // 4)
+                or not store.fits(batch.slot, rows + len(join), width)):
+            caches = [batch.row(i) for i in range(rows)] + join
+            return self._fill(store, 1 - batch.slot, caches), order
+        values = store.views(batch.slot, rows + len(join), width)
+        for k, c in enumerate(join):
+            _write_row(values, rows + k, c, width)
+        return BatchKVCache(values, batch.lengths + [c.length for c in join], store, batch.slot), order
 
     def decode_batch(self, cache: "BatchKVCache | Sequence[KVCache]", tokens: Sequence[int]
                      ) -> tuple[np.ndarray, BatchKVCache]:
@@ -386,7 +489,9 @@ class CausalLM(Model):
         ``cache`` (a :class:`BatchKVCache`, or a list of :class:`KVCache` stacked first). Row ``b`` gets
         ``position_ids = lengths[b]`` and an attention mask that is 0 over its left padding, so its logits
         are those :meth:`forward` gives for that sequence alone. Returns float32 logits ``[batch, vocab]``
-        and the cache one column wider (the graph's ``present`` outputs, fed back as they are)."""
+        and the cache one column wider: onnxruntime writes the ``present`` outputs into the other buffer
+        set of the batch's store (IOBinding, no copy afterwards), so ``cache``'s memory is reused by the
+        step after this one -- keep only the batch returned."""
         self._require("causal-lm", "forward()")
         if not self.supports_batching:
             raise FipsRuntimeError(f"{self.name}: batched decoding needs a KV cache and attention_mask and "
@@ -405,17 +510,22 @@ class CausalLM(Model):
             "attention_mask": (np.arange(width + 1)[None, :] >= (width - lengths)[:, None]).astype(self._mask_dtype),
             "position_ids": lengths.astype(self._pos_dtype).reshape(b, 1),
         }
-        ort_feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
-        alive = []  # numpy arrays behind OrtValues made here, kept until the call returns
+        if cache.store is None:  # a batch made elsewhere: copied once into a store
+            cache = self._fill(_KVStore(self._past_specs, b), 0, [cache.row(i) for i in range(b)])
+        store, slot = cache.store, 1 - cache.slot
+        store.reserve(slot, b, width + 1)
+        present = store.views(slot, b, width + 1)
+        io = self.session.io_binding()
+        for name, v in feeds.items():
+            io.bind_cpu_input(name, v)
         for name, v in zip(self._past_names, cache.values):
-            if not isinstance(v, ort.OrtValue):
-                alive.append(np.ascontiguousarray(v))
-                v = ort.OrtValue.ortvalue_from_numpy(alive[-1])
-            ort_feeds[name] = v
-        outs = self.session.run_with_ort_values(self._run_outputs, ort_feeds)
-        del alive
-        logits = np.asarray(outs[0].numpy()[:, -1], dtype=np.float32)
-        return logits, BatchKVCache(list(outs[1:]), (lengths + 1).tolist())
+            io.bind_input(name, "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
+        io.bind_output("logits", "cpu")
+        for name, v in zip(self._present_names, present):  # onnxruntime writes the new cache in place
+            io.bind_output(name, "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
+        self.session.run_with_iobinding(io)
+        logits = np.asarray(io.get_outputs()[0].numpy()[:, -1], dtype=np.float32)
+        return logits, BatchKVCache(present, (lengths + 1).tolist(), store, slot)
 
     def encode_prompt(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):

@@ -61,7 +61,7 @@ class ServeConfig:
     shutdown_timeout: float = 25.0        # SIGTERM: in-flight requests get this long, then end with an error
     max_connections: int = 1024           # open connections + tasks; beyond: 503 (uvicorn)
     retry_after_s: int = 1
-    flush_wait_s: float = 0.0             # scheduler: wait this long at most for a step's tokens to be sent (0: off)
+    flush_wait_s: float = 0.003           # scheduler: wait this long at most for a step's tokens to be sent (0: off)
     log: bool = True
 
 

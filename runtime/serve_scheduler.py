@@ -7,8 +7,10 @@ Every loop iteration of :class:`Scheduler`:
    (``max_kv_tokens``: rows x the widest row's reserved length, i.e. what the left-padded batch can grow
    to), and runs **one prefill chunk** (``prefill_chunk`` tokens) of the oldest admitted sequence; a
    finished prefill samples its first token and the sequence joins the batch;
-3. when the batch's membership changed, restacks the caches once (:meth:`CausalLM.stack_caches`: rows
-   left-padded to the longest one, which also trims padding that finished rows left behind);
+3. when the batch's membership changed, updates the batch's caches (:meth:`CausalLM.update_batch`: a
+   finished row's slot is taken by the last row, a new row is written behind the last one, rows left-padded;
+   the whole batch is restacked only when the padding finished rows left behind grows large, or a new row
+   is longer than the batch is wide);
 4. decodes **every active sequence in one session call** (:meth:`CausalLM.decode_batch`), then samples,
    detokenizes and checks stop conditions per sequence (:class:`Sequence`, the same steps as
    :meth:`CausalLM.stream`, so a request gives the tokens it would give alone, near-ties excepted).
@@ -379,7 +381,8 @@ class Scheduler:
         s.last_token_at = now
 
     def _restack(self, force: bool = False) -> None:
-        """Apply membership changes (finished/cancelled rows out, prefilled sequences in) with one restack."""
+        """Apply membership changes (finished/cancelled rows out, prefilled sequences in) to the batch, in
+        place where it can (:meth:`CausalLM.update_batch`); rows may change order."""
         if not (force or self._joining):
             return
         keep = [i for i, s in enumerate(self._active) if not (s.cancelled or s.done)]
@@ -387,14 +390,13 @@ class Scheduler:
             self._active = [self._active[i] for i in keep] + self._joining
             self._joining = []
             return
-        rows = [self._batch.row(i) for i in keep] if self._batch is not None else []
-        seqs = [self._active[i] for i in keep] + self._joining
-        rows += [s.cache for s in self._joining]
+        pool = self._active + self._joining
+        self._batch, order = self.model.update_batch(self._batch, keep, [s.cache for s in self._joining],
+                                                     max_rows=self.config.max_batch)
         for s in self._joining:
             s.cache = None  # the batch owns it from now on
         self._joining = []
-        self._active = seqs
-        self._batch = self.model.stack_caches(rows) if rows else None
+        self._active = [pool[i] for i in order]
 
     def _decode_step(self) -> None:
         m = self.model

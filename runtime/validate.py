@@ -552,7 +552,7 @@ def _check_node(node, index: int, consts: dict, types: dict, reader: _Reader) ->
 
 def _check_qnode(node, index: int, consts: dict, types: dict, reader: _Reader) -> None:
     """fips.QSparseMatMul: SparseMatMul's rule (float32 A) plus bits in {4, 8}, 0 <= group_size < 2**31,
-    qvalues int8 [nnz] (bits 8) / uint8 [ceil(nnz/2)] (bits 4), scales float32 [rows or ceil(nnz/g)]."""
+    activation_bits (optional, default 0) in {0, 8}, qvalues int8 [nnz] (bits 8) / uint8 [ceil(nnz/2)] (bits 4), scales float32 [rows or ceil(nnz/g)]."""
     where = _where(node, index)
     if len(node.input) != 4 or len(node.output) != 1 or any(not x for x in node.input):
         raise ModelValidationError(f"{where}: needs 4 inputs (A, qvalues, scales, mask) and 1 output, has "
@@ -564,6 +564,9 @@ def _check_qnode(node, index: int, consts: dict, types: dict, reader: _Reader) -
         raise ModelValidationError(f"{where}: bits must be 4 or 8, got {qbits}")
     if not 0 <= group <= MAX_BITS:
         raise ModelValidationError(f"{where}: group_size must be >= 0 and < 2**31, got {group}")
+    act_bits = _int_attr(node, where, "activation_bits", 0)
+    if act_bits not in (0, 8):
+        raise ModelValidationError(f"{where}: activation_bits must be 0 or 8, got {act_bits}")
     rows, _, _, kept = _check_common(node, where, consts, types, reader, a_name, m_name, (FLOAT,))
     q_t, s_t = _dtype_of(q_name, consts, types), _dtype_of(s_name, consts, types)
     want = INT8 if qbits == 8 else UINT8

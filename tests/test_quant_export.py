@@ -41,22 +41,21 @@ def _logits(folder, **kw):
 def test_quantized_export_runs_close_to_fp32(kind, weights):
     folder = tiny_lm_dir(kind, weights=weights)
     proto, ops = _ops(folder)
-    # every weight product went to MatMulNBits: attention (q, k, v, o) per layer, the tied head, and the
-    # dense MLPs' gate/up/down; FiPS V's are QSparseMatMul, and the FiPS basis U stays fp32, one copy
-    # (x·U a MatMul, t·Uᵀ a Gemm on the same initializer)
-    mlp_nodes = 3 if kind == "dense" else 0
+    # every weight product went to MatMulNBits: attention (q, k, v, o) per layer, the tied head, the dense
+    # MLPs' gate/up/down, and the FiPS basis products x·U and t·Uᵀ (8-bit, the default); FiPS V's are
+    # QSparseMatMul
+    mlp_nodes = 3 if kind == "dense" else 2  # FiPS: x·U (shared by gate and up) and t·Uᵀ per layer
     assert ops["MatMulNBits"] == LAYERS * (4 + mlp_nodes) + 1
     inits = {t.name for t in proto.graph.initializer}
     float_products = [n.input[1] for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
-    assert all(w.startswith("fips.basis.") for w in float_products)  # no other float weight product left
-    assert len(float_products) == (2 * LAYERS if kind == "fips" else 0) and ops["Gemm"] == len(float_products) // 2
-    assert len({w for w in float_products}) == (2 if kind == "fips" else 0)  # one U per group of 2 layers
+    assert float_products == [] and ops["Gemm"] == 0  # no float weight product left
     assert ops["QSparseMatMul"] == (3 * LAYERS if kind == "fips" else 0) and ops["SparseMatMul"] == 0
     assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
     bits = {8: "int8", 4: "int4"}
     for n in proto.graph.node:
-        if n.op_type == "MatMulNBits":
-            assert bits[next(a.i for a in n.attribute if a.name == "bits")] == weights
+        if n.op_type == "MatMulNBits":  # (the basis products: 8-bit whatever --weights says)
+            want = "int8" if n.input[1].startswith("fips.basis.") else weights
+            assert bits[next(a.i for a in n.attribute if a.name == "bits")] == want
     m, got = _logits(folder)
     assert m.info.prepacking is True and m.info.prepacking_source == "contract"
     _, ref = _logits(tiny_lm_dir(kind))
@@ -71,7 +70,7 @@ def test_quantized_export_runs_close_to_fp32(kind, weights):
     assert c.session.prepacking is True and c.format_version == C.FORMAT_VERSION == 2
     assert c.sparse_op.quantized_nodes == ops["QSparseMatMul"]
     assert (q.sparse_bits is not None) == (kind == "fips")
-    assert q.basis_weights == ("fp32" if kind == "fips" else None)
+    assert q.basis_weights == ("int8" if kind == "fips" else None)
 
 
 def test_shared_embedding_reads_exactly_the_heads_quantized_rows():
@@ -238,9 +237,10 @@ def test_block_128_pads_the_shared_embedding():
     assert np.abs(got - ref).mean() / ref.std() < TOLERANCE["int8"]
 
 
-def test_int8_basis_option_quantizes_u_in_two_layouts():
-    """basis_weights="int8" (Python API): x·U and t·Uᵀ through MatMulNBits too, U in two 8-bit layouts."""
-    folder = tiny_lm_dir("fips", weights="int4", basis_weights="int8")
+def test_int8_basis_quantizes_balanced_u_in_two_layouts():
+    """The default basis_weights="int8": x·U and t·Uᵀ through 8-bit MatMulNBits, U in two layouts, written
+    after the exact rescaling of exporter/balance.py (U·diag(s), V's rows / s)."""
+    folder = tiny_lm_dir("fips", weights="int4")
     proto, ops = _ops(folder)
     assert ops["MatMulNBits"] == LAYERS * 6 + 1 and ops["Gemm"] == 0
     basis = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("fips.basis.")]
@@ -250,3 +250,19 @@ def test_int8_basis_option_quantizes_u_in_two_layouts():
     _, got = _logits(folder)
     _, ref = _logits(tiny_lm_dir("fips"))
     assert np.abs(got - ref).mean() / ref.std() < TOLERANCE["int4"]
+
+
+def test_fp32_basis_option_keeps_one_float_u():
+    """basis_weights="fp32": U stays fp32, one copy (x·U a MatMul, t·Uᵀ a Gemm on the same initializer)."""
+    folder = tiny_lm_dir("fips", weights="int8", basis_weights="fp32")
+    proto, ops = _ops(folder)
+    assert ops["MatMulNBits"] == LAYERS * 4 + 1
+    inits = {t.name for t in proto.graph.initializer}
+    float_products = [n.input[1] for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    assert all(w.startswith("fips.basis.") for w in float_products)
+    assert len(float_products) == 2 * LAYERS and ops["Gemm"] == LAYERS
+    assert len(set(float_products)) == 2  # one U per group of 2 layers
+    assert C.read_contract(folder).quantization.basis_weights == "fp32"
+    _, got = _logits(folder)
+    _, ref = _logits(tiny_lm_dir("fips"))
+    assert np.abs(got - ref).mean() / ref.std() < TOLERANCE["int8"]

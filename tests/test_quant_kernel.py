@@ -227,6 +227,18 @@ def _cpu_levels():
     return levels()
 
 
+def _run_at_level(script: str, level: str, extra: dict) -> dict:
+    """Runs `script` in a fresh process with FIPS_SPARSE_ISA=level (and the `extra` environment; the library
+    chooses its level once per process) and returns the JSON of its last line; skips where the CPU cannot run
+    that level."""
+    if level not in _cpu_levels():
+        pytest.skip(f"this CPU cannot run the {level} kernel level")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, FIPS_SPARSE_ISA=level, **extra), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("level,extra", [("portable", {}), ("avx2", {}), ("avx512", {}),
                                          ("avx512", {"FIPS_QSPARSE_NO_VBMI2": "1"})],
                          ids=["portable", "avx2", "avx512", "avx512-without-vbmi2"])
@@ -234,12 +246,7 @@ def test_each_kernel_level_matches_float64(level, extra, library):
     """Every quantized kernel at every level this CPU runs, forced in a fresh process (the library chooses
     its level once): relative error <= 1e-4 against the float64 product of the dequantized V. At the
     AVX-512 level the int8 per-row kernels use VBMI2 where the CPU has it; the F-only form is run too."""
-    if level not in _cpu_levels():
-        pytest.skip(f"this CPU cannot run the {level} kernel level")
-    res = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, FIPS_SPARSE_ISA=level, **extra), timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _run_at_level(_LEVEL_SCRIPT, level, extra)
     assert out["isa"] == level and out["worst"] <= TOL, out
 
 
@@ -429,3 +436,196 @@ def test_memory_stays_compact(kernel, big_export, library):
             assert m[key] - m["loaded"] < dense_v / 4, (key, m)
     else:
         assert m["run1_peak"] - m["loaded"] < 4.5 * dense_v, m
+
+
+# ---------------------------------------------------------------------------- activation_bits = 8
+# The opt-in int8-activation kernels (docs/sparse-op.md, "activation_bits"): A quantized per call to int8,
+# one scale per block of the reduction axis (transB=1: 128 columns of A; transB=0: 64 rows of A * scales),
+# int8 x int8 products accumulated exactly (AVX-512 VNNI). Everywhere else (other code kinds, cols % 64 != 0,
+# CPUs without VNNI, the reference body) the product stays exact.
+ACT8_TOL = 3e-2  # stated tolerance (max |y - y64| / max |y64|) against the float64 product of the dequantized V
+ACT8_SHAPES = [(576, 1536), (96, 256), (37, 64), (130, 192), (5, 128)]
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_HAS_VNNI = {"avx512f", "avx512bw", "avx512_vbmi2", "avx512_vnni"} <= _cpu_flags()
+
+
+def _act8_model(rows, cols, tb, q, bits=8, group=0, act_bits=8, **kw):
+    from onnx import helper
+    m = single_qnode_model(rows, cols, tb, q.qvalues, q.scales, q.mask, bits=bits, group_size=group, **kw)
+    m.graph.node[0].attribute.append(helper.make_attribute("activation_bits", act_bits))
+    return m
+
+
+def _quant_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """What the kernel does to A: int8, symmetric, one scale (max |x| / 127) per `block` entries of the last
+    axis (the last block what remains), round half to even; returned dequantized, float64."""
+    t, k = x.shape
+    kp = -(-k // block) * block
+    xp = np.zeros((t, kp), np.float32)
+    xp[:, :k] = x
+    xb = xp.reshape(t, -1, block)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(xb * inv), -127, 127)
+    return (q * (amax / np.float32(127))).reshape(t, kp)[:, :k].astype(np.float64)
+
+
+def _act8_emulation(a, q, rows, cols, tb):
+    codes = q.codes().astype(np.float64)
+    keep = np.unpackbits(q.mask, count=rows * cols, bitorder="little").astype(bool)
+    c = np.zeros(rows * cols)
+    c[keep] = codes
+    c = c.reshape(rows, cols)
+    s = q.scales.astype(np.float32)
+    if tb:
+        return (_quant_blocks(a, 128) @ c.T) * s
+    nonempty = keep.reshape(rows, cols).any(1)
+    return _quant_blocks(((a * s) * nonempty).astype(np.float32), 64) @ c
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_activation_bits_8_is_the_stated_quantization(trans_b, library):
+    """activation_bits=8, int8 per-row codes: the native output is the documented computation (numpy emulation
+    of the activation quantization, to float32 rounding) where the CPU has VNNI, and within ACT8_TOL of the
+    exact float64 product on every path; the reference body (and activation_bits=0) stay exact."""
+    worst = 0.0
+    for rows, cols in ACT8_SHAPES:
+        q, dense = random_qsparse(rows, cols, 8, 0, density=0.47, seed=rows + cols)
+        model, exact_model = _act8_model(rows, cols, trans_b, q), _act8_model(rows, cols, trans_b, q, act_bits=0)
+        nat, ref, ex = _session(model, library), _session(model), _session(exact_model, library)
+        for t in (1, 3, 4, 5, 16):
+            a = np.random.default_rng(t).standard_normal((t, cols if trans_b else rows)).astype(np.float32)
+            want = a.astype(np.float64) @ (dense.T if trans_b else dense)
+            y = nat.run(None, {"A": a})[0]
+            assert _rel(y, want) <= ACT8_TOL, (rows, cols, t, _rel(y, want))
+            worst = max(worst, _rel(y, want))
+            if _HAS_VNNI:
+                assert _rel(y, _act8_emulation(a, q, rows, cols, trans_b)) <= 1e-5, (rows, cols, t)
+            assert _rel(ref.run(None, {"A": a})[0], want) <= TOL
+            assert _rel(ex.run(None, {"A": a})[0], want) <= TOL
+    if _HAS_VNNI:
+        assert worst > TOL  # the quantized kernels did run
+
+
+def test_activation_bits_8_heavy_tailed_and_empty_rows(library):
+    """Student-t (df 3) activations, rows and 64-row blocks pruned empty, an int8 code of -128: still the
+    emulation where VNNI runs and within ACT8_TOL."""
+    rows, cols = 200, 320
+    rng = np.random.default_rng(7)
+    keep = rng.random((rows, cols)) < 0.45
+    keep[64:128] = False
+    keep[[3, 5, 150]] = False
+    mask = np.packbits(keep.reshape(-1), bitorder="little")
+    values = (rng.standard_normal(int(keep.sum())) * 0.05).astype(np.float32)
+    q = quantize_sparse(values, mask, rows, cols, 8, 0)
+    qv = q.qvalues.copy()
+    qv[::97] = -128
+    q = QuantizedSparse(qv, q.scales, q.mask, rows, cols, 8, 0, q.nnz)
+    keep_f = keep.reshape(-1)
+    dense = np.zeros(rows * cols)
+    dense[keep_f] = q.dequantize()
+    dense = dense.reshape(rows, cols)
+    for tb in (0, 1):
+        sess = _session(_act8_model(rows, cols, tb, q), library)
+        for t in (1, 7):
+            a = rng.standard_t(3, size=(t, cols if tb else rows)).astype(np.float32)
+            want = a.astype(np.float64) @ (dense.T if tb else dense)
+            y = sess.run(None, {"A": a})[0]
+            assert _rel(y, want) <= ACT8_TOL, (tb, t, _rel(y, want))
+            if _HAS_VNNI:
+                assert _rel(y, _act8_emulation(a, q, rows, cols, tb)) <= 1e-5, (tb, t)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 0), (4, 32)])
+def test_activation_bits_8_other_kinds_stay_exact(bits, group, library):
+    """activation_bits=8 on codes the quantized-activation kernels do not take (grouped scales, int4) and on
+    cols % 64 != 0: the exact kernels run (<= 1e-4)."""
+    for rows, cols, g in ((96, 256, group), (40, 72, 0 if bits == 8 else group)):
+        q, dense = random_qsparse(rows, cols, bits, g, density=0.4, seed=rows)
+        for tb in (0, 1):
+            sess = _session(_act8_model(rows, cols, tb, q, bits=bits, group=g), library)
+            a = np.random.default_rng(1).standard_normal((3, cols if tb else rows)).astype(np.float32)
+            assert _rel(sess.run(None, {"A": a})[0], a.astype(np.float64) @ (dense.T if tb else dense)) <= TOL
+
+
+def test_activation_bits_8_deterministic_across_thread_counts(library):
+    q, _ = random_qsparse(576, 1536, 8, 0, density=0.5)
+    for tb in (0, 1):
+        model = _act8_model(576, 1536, tb, q)
+        a = np.random.default_rng(5).standard_normal((2, 1536 if tb else 576)).astype(np.float32)
+        outs = [_session(model, library, threads=n).run(None, {"A": a})[0] for n in (1, 2, 3)]
+        assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+
+
+_ACT8_LEVEL_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, onnxruntime as ort
+    from onnx import helper
+    from fips_rt.exporter.sparse_cases import random_qsparse, single_qnode_model
+    from fips_rt.runtime import native
+    lib = str(native.library_path())
+    worst = 0.0
+    for tb in (0, 1):
+        for rows, cols in ((96, 256), (37, 64), (41, 192)):
+            q, dense = random_qsparse(rows, cols, 8, 0, density=0.4, seed=rows)
+            m = single_qnode_model(rows, cols, tb, q.qvalues, q.scales, q.mask, bits=8, group_size=0)
+            m.graph.node[0].attribute.append(helper.make_attribute("activation_bits", 8))
+            so = ort.SessionOptions(); so.register_custom_ops_library(lib); so.intra_op_num_threads = 2
+            s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            for t in (1, 5, 16):
+                a = np.random.default_rng(t).standard_normal((t, cols if tb else rows)).astype(np.float32)
+                want = a.astype(np.float64) @ (dense.T if tb else dense)
+                worst = max(worst, float(np.abs(s.run(None, {"A": a})[0] - want).max() / np.abs(want).max()))
+    print(json.dumps({"worst": worst, **native.kernel_info()}))
+""")
+
+
+@pytest.mark.parametrize("level,extra,exact", [("portable", {}, True), ("avx2", {}, True), ("avx512", {}, False),
+                                               ("avx512", {"FIPS_QSPARSE_NO_VNNI": "1"}, True)],
+                         ids=["portable", "avx2", "avx512", "avx512-without-vnni"])
+def test_activation_bits_8_at_each_kernel_level(level, extra, exact, library):
+    """Levels without the VNNI kernels (portable, AVX2, AVX-512 with FIPS_QSPARSE_NO_VNNI=1) compute exactly;
+    the AVX-512 level with VNNI stays within ACT8_TOL."""
+    out = _run_at_level(_ACT8_LEVEL_SCRIPT, level, extra)
+    assert out["isa"] == level
+    assert out["worst"] <= (TOL if exact or not _HAS_VNNI else ACT8_TOL), out
+    if not exact and _HAS_VNNI:
+        assert out["worst"] > TOL, out
+
+
+@pytest.mark.parametrize("value", [4, 16, -8, "float", "twice"])
+def test_bad_activation_bits_refused_by_every_path(value, library, tmp_path):
+    from onnx import helper
+    q, _ = random_qsparse(24, 64, 8, 0)
+    model = single_qnode_model(24, 64, 0, q.qvalues, q.scales, q.mask, bits=8, group_size=0)
+    nobody = single_qnode_model(24, 64, 0, q.qvalues, q.scales, q.mask, bits=8, group_size=0, body=False)
+    for m in (model, nobody):
+        attrs = m.graph.node[0].attribute
+        if value == "float":
+            attrs.append(helper.make_attribute("activation_bits", 8.0))
+        elif value == "twice":
+            attrs.extend([helper.make_attribute("activation_bits", 8), helper.make_attribute("activation_bits", 0)])
+        else:
+            attrs.append(helper.make_attribute("activation_bits", value))
+    with pytest.raises(ModelValidationError, match="activation_bits"):
+        validate_model(data=model.SerializeToString())
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(FipsRuntimeError, match="activation_bits"):
+        create_session(path, kernel="native", provider="cpu", threads=1)
+    if value == "twice":  # a repeated attribute: the validation pass refuses it (rule 2)
+        return
+    a = np.ones((2, 24), np.float32)
+    assert _outcome(nobody, a, library) == "load"  # the native kernel alone, at creation
+    assert _outcome(model, a) in ("load", "run")   # the function body, plain onnxruntime

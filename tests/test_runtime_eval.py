@@ -66,3 +66,36 @@ def test_fips_eval_of_an_onnx_export_is_torch_free(tmp_path):
     bad = subprocess.run([fips, "eval", str(tiny_lm_dir("dense", last_logits_only=True))],
                          capture_output=True, text=True, env=runtime_env(), timeout=600)
     assert bad.returncode != 0 and "last-logits-only" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["dense", "fips"])
+def test_chunked_scoring_through_the_kv_cache_equals_one_call(kind):
+    """``sequence_logits(ids, chunk)`` (fips eval --chunk) runs the decode/serving shapes through the KV cache
+    and gives the one-call logits (float exports: the same function up to float rounding)."""
+    from fips_rt.runtime import Model
+    m = Model.load(tiny_lm_dir(kind), threads=1)
+    ids = list(range(3, 3 + 40))
+    whole = m.sequence_logits(ids)
+    for chunk in (1, 7, 16):
+        got = m.sequence_logits(ids, chunk)
+        assert got.shape == whole.shape
+        np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_fips_eval_chunk_option(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_runtime_helpers import runtime_env
+    fips = str(Path(sys.executable).with_name("fips"))
+    args = ["--eval-tokens", "128", "--seq-len", "64", "--no-dense", "--json"]
+    one = subprocess.run([fips, "eval", str(tiny_lm_dir("fips")), *args], capture_output=True, text=True,
+                         env=runtime_env(), timeout=600)
+    chunked = subprocess.run([fips, "eval", str(tiny_lm_dir("fips")), "--chunk", "16", *args], capture_output=True,
+                             text=True, env=runtime_env(), timeout=600)
+    assert one.returncode == 0 and chunked.returncode == 0, (one.stderr, chunked.stderr)
+    a, b = json.loads(one.stdout), json.loads(chunked.stdout)
+    assert b["chunk"] == 16 and a["chunk"] is None and b["tokens"] == a["tokens"]
+    assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-4)

@@ -134,6 +134,7 @@ struct OrtTaskRunner final : fips::TaskRunner {
 };
 
 struct SparseMatMulKernel {
+  static constexpr const char* kPrefix = "fips.SparseMatMul: ";
   const OrtApi* api = nullptr;
   uint32_t api_version = 0;
   int64_t rows = 0, cols = 0, trans_b = 0;
@@ -227,9 +228,11 @@ OrtStatus* make_status(const OrtApi* api, const Error& e) { return api->CreateSt
 }
 
 struct QSparseMatMulKernel {
+  static constexpr const char* kPrefix = "fips.QSparseMatMul: ";
   const OrtApi* api = nullptr;
   uint32_t api_version = 0;
   int64_t rows = 0, cols = 0, trans_b = 0, qbits = 0, group_size = 0;
+  int64_t act_bits = 0;  // activation_bits: 0 (float A, exact) or 8 (A may be quantized to int8 per 64 entries)
   int64_t bits = 0, nbytes = 0;
   std::unique_ptr<fips::MaskTables> const_tables;
   const uint8_t* const_mask = nullptr;
@@ -313,7 +316,7 @@ struct QSparseMatMulKernel {
     const float* A = tensor_data<float>(api, a_v);
     fips::QSparseMatrix Q{tensor_data<uint8_t>(api, q_v), static_cast<int>(qbits), static_cast<int64_t>(qi.count),
                           tensor_data<float>(api, s_v), group_size, static_cast<int64_t>(si.count), mask, mi.count,
-                          tables};
+                          tables, static_cast<int>(act_bits)};
     OrtTaskRunner runner(api, api_version >= kParallelApi, ctx);
     // FIPS_QSPARSE_FUSED_MAX_T=N (read once): the largest T for the fused kernels (default kQFusedMaxT)
     static const int64_t fused_max_t = [] {
@@ -408,66 +411,6 @@ OrtStatus* create_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKern
   }
 }
 
-OrtStatus* compute_v2(void* kernel, OrtKernelContext* ctx) {
-  auto* k = static_cast<SparseMatMulKernel*>(kernel);
-  try {
-    k->compute(ctx);
-    return nullptr;
-  } catch (const Error& e) {
-    return make_status(k->api, e);
-  } catch (const std::bad_alloc&) {
-    return k->api->CreateStatus(ORT_FAIL, "fips.SparseMatMul: out of memory");
-  } catch (const std::exception& e) {
-    return k->api->CreateStatus(ORT_FAIL, (std::string("fips.SparseMatMul: ") + e.what()).c_str());
-  }
-}
-
-void destroy_kernel(void* kernel) { delete static_cast<SparseMatMulKernel*>(kernel); }
-
-const char* op_name(const OrtCustomOp*) { return "SparseMatMul"; }
-const char* op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-ONNXTensorElementDataType op_input_type(const OrtCustomOp*, size_t i) {
-  return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-size_t op_input_count(const OrtCustomOp*) { return 3; }
-ONNXTensorElementDataType op_output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-size_t op_output_count(const OrtCustomOp*) { return 1; }
-OrtCustomOpInputOutputCharacteristic op_required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
-OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
-int op_min_arity(const OrtCustomOp*) { return 1; }
-int op_homogeneous(const OrtCustomOp*) { return 1; }
-int op_start_version(const OrtCustomOp*) { return 1; }
-
-OrtCustomOp make_op(uint32_t version) {
-  OrtCustomOp op;
-  std::memset(&op, 0, sizeof(op));  // fields past `version` stay null
-  op.version = version;
-  op.CreateKernel = nullptr;  // V2 entry points are used (version >= 16)
-  op.GetName = op_name;
-  op.GetExecutionProviderType = op_ep;
-  op.GetInputType = op_input_type;
-  op.GetInputTypeCount = op_input_count;
-  op.GetOutputType = op_output_type;
-  op.GetOutputTypeCount = op_output_count;
-  op.KernelCompute = nullptr;
-  op.KernelDestroy = destroy_kernel;
-  op.GetInputCharacteristic = op_required;
-  op.GetOutputCharacteristic = op_required;
-  op.GetInputMemoryType = op_input_mem;
-  op.GetVariadicInputMinArity = op_min_arity;
-  op.GetVariadicInputHomogeneity = op_homogeneous;
-  op.GetVariadicOutputMinArity = op_min_arity;
-  op.GetVariadicOutputHomogeneity = op_homogeneous;
-  op.CreateKernelV2 = create_kernel_v2;
-  op.KernelComputeV2 = compute_v2;
-  if (version >= 17) {
-    op.InferOutputShapeFn = nullptr;  // onnxruntime infers the output type from the kernel def
-    op.GetStartVersion = op_start_version;
-    op.GetEndVersion = nullptr;
-  }
-  return op;
-}
-
 // fips.QSparseMatMul callbacks.
 int64_t attr_int_q(const OrtApi* api, const OrtKernelInfo* info, const char* name, bool required, int64_t dflt) {
   try {
@@ -488,12 +431,15 @@ OrtStatus* qcreate_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKer
     k->trans_b = attr_int_q(api, info, "transB", false, 0);
     k->qbits = attr_int_q(api, info, "bits", true, 0);
     k->group_size = attr_int_q(api, info, "group_size", true, 0);
+    k->act_bits = attr_int_q(api, info, "activation_bits", false, 0);
     if (const char* why = fips::check_dims(k->rows, k->cols, &k->bits, &k->nbytes))
       qfail(std::string(why) + " (rows=" + std::to_string(k->rows) + ", cols=" + std::to_string(k->cols) + ")");
     if (k->trans_b != 0 && k->trans_b != 1) qfail("transB must be 0 or 1, got " + std::to_string(k->trans_b));
     if (const char* why = fips::check_quant_attrs(k->qbits, k->group_size))
       qfail(std::string(why) + " (bits=" + std::to_string(k->qbits) + ", group_size=" + std::to_string(k->group_size) +
             ")");
+    if (k->act_bits != 0 && k->act_bits != 8)
+      qfail("activation_bits must be 0 or 8, got " + std::to_string(k->act_bits));
     int is_const = 0;
     const OrtValue* mask_v = nullptr;
     OrtStatus* st = api->KernelInfoGetConstantInput_tensor(info, 3, &is_const, &mask_v);
@@ -533,60 +479,110 @@ OrtStatus* qcreate_kernel_v2(const OrtCustomOp*, const OrtApi* api, const OrtKer
   }
 }
 
-OrtStatus* qcompute_v2(void* kernel, OrtKernelContext* ctx) {
-  auto* k = static_cast<QSparseMatMulKernel*>(kernel);
+// ---- One table of the ops this library registers ---------------------------------------------
+// Each entry: the op's name, inputs and their declared types, output type, execution provider and
+// kernel entry points. The OrtCustomOp callbacks find their entry through the FipsOp that holds the
+// OrtCustomOp as its first member.
+template <class K>
+OrtStatus* compute_v2(void* kernel, OrtKernelContext* ctx) {
+  auto* k = static_cast<K*>(kernel);
   try {
     k->compute(ctx);
     return nullptr;
   } catch (const Error& e) {
     return make_status(k->api, e);
   } catch (const std::bad_alloc&) {
-    return k->api->CreateStatus(ORT_FAIL, "fips.QSparseMatMul: out of memory");
+    return k->api->CreateStatus(ORT_FAIL, (std::string(K::kPrefix) + "out of memory").c_str());
   } catch (const std::exception& e) {
-    return k->api->CreateStatus(ORT_FAIL, (std::string("fips.QSparseMatMul: ") + e.what()).c_str());
+    return k->api->CreateStatus(ORT_FAIL, (std::string(K::kPrefix) + e.what()).c_str());
   }
 }
-
-void qdestroy_kernel(void* kernel) { delete static_cast<QSparseMatMulKernel*>(kernel); }
-const char* qop_name(const OrtCustomOp*) { return "QSparseMatMul"; }
-// qvalues: int8 or uint8 (as bits says): declared as any type, checked by the kernel
-ONNXTensorElementDataType qop_input_type(const OrtCustomOp*, size_t i) {
-  if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+template <class K>
+void destroy_kernel(void* kernel) {
+  delete static_cast<K*>(kernel);
 }
-size_t qop_input_count(const OrtCustomOp*) { return 4; }
 
-OrtCustomOp make_qop(uint32_t version) {
-  OrtCustomOp op = make_op(version);
-  op.GetName = qop_name;
-  op.GetInputType = qop_input_type;
-  op.GetInputTypeCount = qop_input_count;
-  op.KernelDestroy = qdestroy_kernel;
-  op.CreateKernelV2 = qcreate_kernel_v2;
-  op.KernelComputeV2 = qcompute_v2;
-  return op;
-}
+using CreateFn = OrtStatus* (*)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**);
+struct OpSpec {
+  const char* name;
+  const char* ep;                               // execution provider the kernel is bound to
+  ONNXTensorElementDataType inputs[4];          // UNDEFINED: any type (checked by the kernel)
+  size_t n_inputs;
+  ONNXTensorElementDataType output;
+  CreateFn create;                              // nullptr never (schema-only ops share their twin's)
+  OrtStatus* (*compute)(void*, OrtKernelContext*);
+  void (*destroy)(void*);
+};
 
 // Schema-only float16 declaration (see the file comment): its "kernel" is bound to an
 // execution provider that does not exist, so it is never instantiated.
 constexpr const char* kSchemaOnlyEp = "FipsSchemaOnlyNoSuchExecutionProvider";
-const char* op16_ep(const OrtCustomOp*) { return kSchemaOnlyEp; }
-ONNXTensorElementDataType op16_input_type(const OrtCustomOp*, size_t i) {
-  return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-}
-ONNXTensorElementDataType op16_output_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+constexpr auto kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
+               kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, kAny = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+enum : size_t { kOpSparse, kOpQSparse, kOpSparseFp16, kNumOps };
+const OpSpec kOps[kNumOps] = {
+    // fips.SparseMatMul: A, values float32, mask uint8
+    {"SparseMatMul", "CPUExecutionProvider", {kF32, kF32, kU8}, 3, kF32, create_kernel_v2,
+     compute_v2<SparseMatMulKernel>, destroy_kernel<SparseMatMulKernel>},
+    // fips.QSparseMatMul: A float32, qvalues int8 / uint8 (as bits says), scales float32, mask uint8
+    {"QSparseMatMul", "CPUExecutionProvider", {kF32, kAny, kF32, kU8}, 4, kF32, qcreate_kernel_v2,
+     compute_v2<QSparseMatMulKernel>, destroy_kernel<QSparseMatMulKernel>},
+    // float16 fips.SparseMatMul: schema only (FIPS_SPARSE_NO_FP16_SCHEMA=1 leaves it out)
+    {"SparseMatMul", kSchemaOnlyEp, {kF16, kF16, kU8}, 3, kF16, create_kernel_v2, compute_v2<SparseMatMulKernel>,
+     destroy_kernel<SparseMatMulKernel>},
+};
 
-OrtCustomOp make_schema_only_fp16_op(uint32_t version) {
-  OrtCustomOp op = make_op(version);
-  op.GetExecutionProviderType = op16_ep;
-  op.GetInputType = op16_input_type;
-  op.GetOutputType = op16_output_type;
-  return op;
+struct FipsOp {
+  OrtCustomOp op;  // first member: a const OrtCustomOp* of this op points at its FipsOp
+  const OpSpec* spec;
+};
+const OpSpec& spec_of(const OrtCustomOp* op) { return *reinterpret_cast<const FipsOp*>(op)->spec; }
+
+const char* op_name(const OrtCustomOp* op) { return spec_of(op).name; }
+const char* op_ep(const OrtCustomOp* op) { return spec_of(op).ep; }
+ONNXTensorElementDataType op_input_type(const OrtCustomOp* op, size_t i) {
+  return i < spec_of(op).n_inputs ? spec_of(op).inputs[i] : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+size_t op_input_count(const OrtCustomOp* op) { return spec_of(op).n_inputs; }
+ONNXTensorElementDataType op_output_type(const OrtCustomOp* op, size_t) { return spec_of(op).output; }
+size_t op_output_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic op_required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtMemType op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int op_min_arity(const OrtCustomOp*) { return 1; }
+int op_homogeneous(const OrtCustomOp*) { return 1; }
+int op_start_version(const OrtCustomOp*) { return 1; }
+
+void make_op(uint32_t version, const OpSpec* spec, FipsOp* out) {
+  OrtCustomOp& op = out->op;
+  std::memset(&op, 0, sizeof(op));  // fields past `version` stay null
+  out->spec = spec;
+  op.version = version;
+  op.CreateKernel = nullptr;  // V2 entry points are used (version >= 16)
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_ep;
+  op.GetInputType = op_input_type;
+  op.GetInputTypeCount = op_input_count;
+  op.GetOutputType = op_output_type;
+  op.GetOutputTypeCount = op_output_count;
+  op.KernelCompute = nullptr;
+  op.KernelDestroy = spec->destroy;
+  op.GetInputCharacteristic = op_required;
+  op.GetOutputCharacteristic = op_required;
+  op.GetInputMemoryType = op_input_mem;
+  op.GetVariadicInputMinArity = op_min_arity;
+  op.GetVariadicInputHomogeneity = op_homogeneous;
+  op.GetVariadicOutputMinArity = op_min_arity;
+  op.GetVariadicOutputHomogeneity = op_homogeneous;
+  op.CreateKernelV2 = spec->create;
+  op.KernelComputeV2 = spec->compute;
+  if (version >= 17) {
+    op.InferOutputShapeFn = nullptr;  // onnxruntime infers the output type from the kernel def
+    op.GetStartVersion = op_start_version;
+    op.GetEndVersion = nullptr;
+  }
 }
 
-OrtCustomOp g_op;       // float32 kernel, CPU
-OrtCustomOp g_op_fp16;  // schema-only float16 declaration
-OrtCustomOp g_qop;      // fips.QSparseMatMul (float32 A), CPU
+FipsOp g_ops[kNumOps];                  // the table's ops, made at the first registration
 OrtCustomOpDomain* g_domain = nullptr;  // shared by all sessions, lives until process exit
 std::mutex g_mutex;
 
@@ -626,15 +622,13 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     std::lock_guard<std::mutex> lock(g_mutex);
     if (!g_domain) {
       g_api_version = want;
-      g_op = make_op(want);
       OrtCustomOpDomain* domain = nullptr;
       check(api, api->CreateCustomOpDomain("fips", &domain));
-      check(api, api->CustomOpDomain_Add(domain, &g_op));
-      g_qop = make_qop(want);
-      check(api, api->CustomOpDomain_Add(domain, &g_qop));
-      if (!std::getenv("FIPS_SPARSE_NO_FP16_SCHEMA")) {  // escape hatch, for tests/debugging
-        g_op_fp16 = make_schema_only_fp16_op(want);
-        check(api, api->CustomOpDomain_Add(domain, &g_op_fp16));
+      for (size_t i = 0; i < kNumOps; ++i) {
+        // FIPS_SPARSE_NO_FP16_SCHEMA: escape hatch, for tests/debugging
+        if (i == kOpSparseFp16 && std::getenv("FIPS_SPARSE_NO_FP16_SCHEMA")) continue;
+        make_op(want, &kOps[i], &g_ops[i]);
+        check(api, api->CustomOpDomain_Add(domain, &g_ops[i].op));
       }
       g_domain = domain;
     }

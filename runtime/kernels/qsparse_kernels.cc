@@ -19,6 +19,7 @@
 #include "qsparse_kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -55,35 +56,11 @@
 
 #define FIPS_QINLINE inline __attribute__((always_inline))
 
+#include "mask_walk.h"  // ceil_div, bit_at, bits8, low_bits, RowBits, run_tasks, balanced_rows, add_partials
+
 namespace fips {
 namespace FIPS_LEVEL_NS {
 namespace {
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline bool bit_at(const uint8_t* mask, uint64_t p) { return (mask[p >> 3] >> (p & 7)) & 1u; }
-
-template <class F>
-void run_tasks(const TaskRunner& runner, size_t n, F&& f) {
-  if (n == 0) return;
-  struct Tramp {
-    static void call(void* p, size_t i) { (*static_cast<F*>(p))(i); }
-  };
-  runner.run(n, &Tramp::call, static_cast<void*>(&f));
-}
-
-// Row boundaries of `parts` slices with about the same number of kept entries (multiples of
-// `align` rows); depends on the mask only (a fixed summation order for every thread count).
-[[maybe_unused]] std::vector<int64_t> balanced_rows(const MaskTables& t, int64_t parts, int64_t align) {
-  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
-  b[0] = 0;
-  for (int64_t k = 1; k < parts; ++k) {
-    const int64_t target = t.nnz * k / parts;
-    int64_t r = std::lower_bound(t.row_off.begin(), t.row_off.end(), target) - t.row_off.begin();
-    r = std::min(t.rows, (r + align / 2) / align * align);
-    b[k] = std::max(b[k - 1], r);
-  }
-  return b;
-}
 
 // Code of kept entry k and its scale (scalar; the portable level and the tails).
 inline int code_at(const QSparseMatrix& Q, int64_t k) {
@@ -228,18 +205,6 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-FIPS_QINLINE unsigned bits8(const uint8_t* mask, size_t nbytes, uint64_t p) {
-  const size_t b = static_cast<size_t>(p >> 3);
-  const unsigned sh = static_cast<unsigned>(p & 7);
-  unsigned v = mask[b];
-  if (sh) {
-    v >>= sh;
-    if (b + 1 < nbytes) v |= static_cast<unsigned>(mask[b + 1]) << (8 - sh);
-  }
-  return v & 0xFFu;
-}
-inline unsigned low_bits(int n) { return n >= 8 ? 0xFFu : ((1u << n) - 1u); }
-
 // The bytes a step of n codes from entry k reads, copied into a zeroed 16-byte buffer (safe rows).
 FIPS_QINLINE const uint8_t* safe_copy(const QSparseMatrix& Q, int64_t k, int n, uint8_t* buf) {
   std::memset(buf, 0, 32);
@@ -307,16 +272,6 @@ FIPS_QINLINE __m256 scales8(const QSparseMatrix& Q, const GroupCursor& gc, int64
   for (int i = 0; i < 8; ++i) s[i] = Q.scales[std::min((k + std::min(i, std::max(n - 1, 0))) / g, Q.nscales - 1)];
   return _mm256_load_ps(s);
 }
-
-template <bool ALIGNED>
-struct RowBits {
-  const uint8_t* mask;
-  size_t nbytes;
-  uint64_t base;
-  const uint8_t* row;
-  RowBits(const uint8_t* m, size_t nb, uint64_t b) : mask(m), nbytes(nb), base(b), row(m + (b >> 3)) {}
-  unsigned operator()(int64_t c) const { return ALIGNED ? row[c >> 3] : bits8(mask, nbytes, base + c); }
-};
 
 // transB = 0, one row r of V into TT output rows of P: P[tt, :] += a[tt] * V[r, :].
 template <int BITS, int TT, bool GROUPED, bool ALIGNED, bool SAFE>
@@ -569,12 +524,20 @@ void qnt16_block(const QSparseMatrix& Q, const float* A, float* Y, int64_t r) {
 // (FIPS_QSPARSE_NO_VBMI2=1 keeps the F kernel; the tests run both).
 #define FIPS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
+// The run-time gates of the optional AVX-512 kernels (VBMI2 here, VNNI below): an opt-out variable set to
+// anything but "" or "0", or a feature FIPS_SPARSE_TEST_CPU_LACKS names (tests), turns a kernel off.
+bool env_opt_out(const char* name) {
+  const char* e = std::getenv(name);
+  return e && e[0] && std::strcmp(e, "0") != 0;
+}
+bool test_cpu_lacks(const char* feature) {
+  const char* lacks = std::getenv("FIPS_SPARSE_TEST_CPU_LACKS");
+  return lacks && std::strstr(lacks, feature);
+}
+
 bool use_vbmi2() {
   static const bool ok = [] {
-    const char* e = std::getenv("FIPS_QSPARSE_NO_VBMI2");
-    if (e && e[0] && std::strcmp(e, "0") != 0) return false;
-    const char* lacks = std::getenv("FIPS_SPARSE_TEST_CPU_LACKS");
-    if (lacks && std::strstr(lacks, "avx512vbmi2")) return false;
+    if (env_opt_out("FIPS_QSPARSE_NO_VBMI2") || test_cpu_lacks("avx512vbmi2")) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bw");
   }();
@@ -663,6 +626,347 @@ FIPS_VBMI2 void qnt64_i8_block(const QSparseMatrix& Q, const float* A, float* Y,
   for (int i = 0; i < NR; ++i)
 #pragma GCC unroll 16
     for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r + i] = _mm512_reduce_add_ps(acc[i][tt]) * Q.scales[r + i];
+}
+
+// ---- AVX-512 VNNI (+VBMI2, BW): int8 codes with per-row scales, quantized activations ---------------
+// activation_bits = 8 (docs/sparse-op.md): A is quantized per call to int8, symmetric, one float32 scale per
+// block of the reduction axis, and the products are int8 x int8 dot products (vpdpbusd, 64 multiply-adds
+// per instruction) accumulated exactly in int32, converted to float once per block.
+//   transB = 1: xq[t, c] = round(A[t, c] / xs[t, b]), xs[t, b] = max |A[t, 128b .. 128b+127]| / 127 (the last
+//     block 64 wide when cols % 128 == 64). Per 64-column step of a row: u = vpexpandb(mask bits, codes) ^ 0x80
+//     (u8 = code + 128; a pruned column is 0 + 128) and d = vpdpbusd(d, u, xq), d starting each block at
+//     minus the +128 part (-128 * the sum of xq per 4-byte lane, precomputed per call), so d is exactly
+//     sum(code * xq) of the block in int32; then acc += float(d) * xs[b]. Y[t, r] = hsum(acc) * scales[r].
+//   transB = 0: x'[t, r] = A[t, r] * scales[r] (the row's scale folded in), quantized per 64 rows
+//     (xs[t, b] = max |x'| over the block's non-empty rows / 127; empty rows get 0). Four rows at a time: their
+//     64-column code expansions are byte-interleaved (2 x 4 unpacks) so that each 4-byte lane holds one
+//     column's codes of the 4 rows, then ^ 0x80 and vpdpbusd with the broadcast 4 bytes xq[t, r..r+3] into
+//     int32 column accumulators (in L1, in the interleaved column order), which start each 64-row block at
+//     -128 * sum(xq of the block); at the block's end P += xs[t, b] * float(acc). P is put back into column
+//     order once, at the end.
+// Exact integer arithmetic inside a block (|sum| <= 128 * 255 * 127 < 2**31), any int8 code incl. -128.
+#define FIPS_VNNI __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512vnni")))
+
+bool use_vnni() {
+  static const bool ok = [] {
+    if (env_opt_out("FIPS_QSPARSE_NO_VNNI") || test_cpu_lacks("avx512vnni") || test_cpu_lacks("avx512vbmi2"))
+      return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("avx512bw");
+  }();
+  return ok;
+}
+
+constexpr int64_t kActBlock = 64;  // entries of the reduction axis per activation scale
+
+// 64-byte aligned scratch (a few KiB per call).
+template <class T>
+struct Scratch {
+  std::unique_ptr<T[], void (*)(T*)> p{nullptr, [](T* x) { ::operator delete[](x, std::align_val_t(64)); }};
+  explicit Scratch(size_t n) {
+    p.reset(static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64))));
+    std::memset(p.get(), 0, std::max<size_t>(n, 1) * sizeof(T));
+  }
+  T* get() const { return p.get(); }
+};
+
+// max |x[0..n)| for n % 16 == 0
+FIPS_VNNI inline float absmax16(const float* x, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  return _mm512_reduce_max_ps(m);
+}
+
+// transB = 1: the activation rows quantized per kActBlockNT columns (the last block 64 wide when
+// cols % 128 == 64): one int32 -> float conversion per two 64-column steps.
+constexpr int64_t kActBlockNT = 128;
+struct ActNT {
+  int64_t T, cols, nblk;
+  Scratch<int8_t> q;     // [T][cols]
+  Scratch<float> s;      // [T][nblk]
+  Scratch<int32_t> nc;   // [T][nblk][16]: -128 * (sum of the block's codes in each dword lane)
+  ActNT(const float* A, int64_t T_, int64_t cols_)
+      : T(T_), cols(cols_), nblk(ceil_div(cols_, kActBlockNT)), q(static_cast<size_t>(T_ * cols_)),
+        s(static_cast<size_t>(T_ * nblk)), nc(static_cast<size_t>(T_ * nblk * 16)) {
+    quantize(A);
+  }
+  FIPS_VNNI void quantize(const float* A) {
+    const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t w = std::min(kActBlockNT, cols - b * kActBlockNT);
+        const float* x = A + t * cols + b * kActBlockNT;
+        const float amax = absmax16(x, w);
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        s.get()[t * nblk + b] = amax / 127.0f;
+        const __m512 iv = _mm512_set1_ps(inv);
+        __m512i c = _mm512_setzero_si512();
+        for (int64_t h = 0; h < w; h += 64) {
+          __m128i part[4];
+          for (int j = 0; j < 4; ++j)
+            part[j] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + h + 16 * j), iv)));
+          const __m512i xq = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(part[0]), part[1], 1)),
+              _mm256_inserti128_si256(_mm256_castsi128_si256(part[2]), part[3], 1), 1);
+          _mm512_storeu_si512(q.get() + t * cols + b * kActBlockNT + h, xq);
+          c = _mm512_dpbusd_epi32(c, k128, xq);
+        }
+        _mm512_storeu_si512(nc.get() + (t * nblk + b) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), c));
+      }
+  }
+};
+
+// Y[t0 + tt, r + i] for TB tokens and NR rows (all non-empty or not: an empty row gives 0).
+template <int TB, int NR>
+FIPS_VNNI void qnt64_vnni_block(const QSparseMatrix& Q, const ActNT& X, int64_t t0, float* Y, int64_t r) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols, nblk = X.nblk, rb = cols >> 3;
+  const uint8_t* mk = Q.mask + ((static_cast<uint64_t>(r) * cols) >> 3);
+  const uint8_t* cp[NR];
+  __m512 acc[NR][TB];
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    cp[i] = Q.codes + t.row_off[r + i];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm512_setzero_ps();
+  }
+  const int8_t* xq0 = X.q.get() + t0 * cols;
+  const int32_t* nc0 = X.nc.get() + t0 * nblk * 16;
+  const float* xs0 = X.s.get() + t0 * nblk;
+  // the 64 codes of row i at columns [c, c + 64), + 128 (a pruned column: 0 + 128)
+  auto step = [&](int i, int64_t c) FIPS_VNNI {
+    uint64_t m;
+    std::memcpy(&m, mk + i * rb + (c >> 3), sizeof(m));
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_expandloadu_epi8(m, cp[i]), flip);
+    cp[i] += __builtin_popcountll(m);
+    return u;
+  };
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t c = b * kActBlockNT;
+    const bool two = c + 64 < cols;
+    __m512i xa[TB], xb[TB], nc[TB];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) {
+      xa[tt] = _mm512_loadu_si512(xq0 + tt * cols + c);
+      xb[tt] = two ? _mm512_loadu_si512(xq0 + tt * cols + c + 64) : _mm512_setzero_si512();
+      nc[tt] = _mm512_loadu_si512(nc0 + (tt * nblk + b) * 16);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      const __m512i ua = step(i, c);
+      const __m512i ub = two ? step(i, c + 64) : _mm512_setzero_si512();
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt)
+        acc[i][tt] = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc[tt], ua, xa[tt]), ub, xb[tt])),
+            _mm512_set1_ps(xs0[tt * nblk + b]), acc[i][tt]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) Y[(t0 + tt) * rows + r + i] = _mm512_reduce_add_ps(acc[i][tt]) * Q.scales[r + i];
+}
+
+template <int TB>
+FIPS_VNNI void qnt64_vnni_rows(const QSparseMatrix& Q, const ActNT& X, int64_t t0, float* Y, int64_t r0, int64_t r1) {
+  const MaskTables& t = *Q.t;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    if (t.row_off[r + 4] == t.row_off[r]) {
+      for (int tt = 0; tt < TB; ++tt) std::fill(Y + (t0 + tt) * t.rows + r, Y + (t0 + tt) * t.rows + r + 4, 0.0f);
+    } else {
+      qnt64_vnni_block<TB, 4>(Q, X, t0, Y, r);
+    }
+  }
+  for (; r < r1; ++r) qnt64_vnni_block<TB, 1>(Q, X, t0, Y, r);
+}
+
+// transB = 0: x' = A * scales (per row), quantized per 64 rows; 4-row groups padded with zero codes.
+struct ActNN {
+  int64_t T, rows, rowsp, nblk;
+  Scratch<int8_t> q;     // [T][rowsp] (rowsp = rows rounded up to 64, zeros past rows and for empty rows)
+  Scratch<float> s;      // [T][nblk]
+  Scratch<int32_t> c;    // [T][nblk]: -128 * sum of the block's codes
+  ActNN(const QSparseMatrix& Q, const float* A, int64_t T_)
+      : T(T_), rows(Q.t->rows), rowsp(ceil_div(Q.t->rows, kActBlock) * kActBlock), nblk(rowsp / kActBlock),
+        q(static_cast<size_t>(T_ * rowsp)), s(static_cast<size_t>(T_ * nblk)), c(static_cast<size_t>(T_ * nblk)) {
+    const MaskTables& t = *Q.t;
+    std::vector<float> x(static_cast<size_t>(kActBlock));
+    for (int64_t tt = 0; tt < T; ++tt)
+      for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t r0 = b * kActBlock, r1 = std::min(rows, r0 + kActBlock);
+        float amax = 0.0f;
+        for (int64_t r = r0; r < r1; ++r) {
+          const float v = t.row_off[r + 1] != t.row_off[r] ? A[tt * rows + r] * Q.scales[r] : 0.0f;
+          x[static_cast<size_t>(r - r0)] = v;
+          amax = std::max(amax, std::fabs(v));
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        s.get()[tt * nblk + b] = amax / 127.0f;
+        int32_t sum = 0;
+        for (int64_t r = r0; r < r1; ++r) {
+          const float y = std::nearbyint(x[static_cast<size_t>(r - r0)] * inv);
+          const int v = static_cast<int>(std::max(-127.0f, std::min(127.0f, y)));
+          q.get()[tt * rowsp + r] = static_cast<int8_t>(v);
+          sum += v;
+        }
+        c.get()[tt * nblk + b] = -128 * sum;
+      }
+  }
+};
+
+// Rows [r0, r1) (r0 a multiple of 64), TT tokens from t0, into P [TT][cols] (interleaved column order,
+// added to); acc [TT][cols] int32 scratch.
+template <int TT>
+FIPS_VNNI void qnn64_vnni_rows(const QSparseMatrix& Q, const ActNN& X, int64_t t0, float* P, int32_t* acc,
+                               int64_t r0, int64_t r1) {
+  const MaskTables& t = *Q.t;
+  const int64_t cols = t.cols;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t bs = r0; bs < r1; bs += kActBlock) {
+    const int64_t be = std::min(r1, bs + kActBlock), b = bs / kActBlock;
+    if (t.row_off[be] == t.row_off[bs]) continue;
+#pragma GCC unroll 4
+    for (int tt = 0; tt < TT; ++tt) {
+      const __m512i c0 = _mm512_set1_epi32(X.c.get()[(t0 + tt) * X.nblk + b]);
+      for (int64_t c = 0; c < cols; c += 16) _mm512_store_si512(acc + tt * cols + c, c0);
+    }
+    for (int64_t r = bs; r < be; r += 4) {
+      const int nr = static_cast<int>(std::min<int64_t>(4, be - r));
+      if (t.row_off[r + nr] == t.row_off[r]) continue;
+      __m512i xb[TT];
+#pragma GCC unroll 4
+      for (int tt = 0; tt < TT; ++tt) {
+        int32_t w;
+        std::memcpy(&w, X.q.get() + (t0 + tt) * X.rowsp + r, sizeof(w));  // zeros past nr (rowsp padding)
+        xb[tt] = _mm512_set1_epi32(w);
+      }
+      const uint8_t* mk[4];
+      const uint8_t* cp[4];
+      uint64_t keep[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const int64_t ri = i < nr ? r + i : r;
+        mk[i] = Q.mask + ((static_cast<uint64_t>(ri) * cols) >> 3);
+        cp[i] = Q.codes + t.row_off[ri];
+        keep[i] = i < nr ? ~uint64_t(0) : 0;
+      }
+      for (int64_t c = 0; c < cols; c += 64) {
+        __m512i a[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          uint64_t m;
+          std::memcpy(&m, mk[i] + (c >> 3), sizeof(m));
+          m &= keep[i];
+          a[i] = _mm512_maskz_expandloadu_epi8(m, cp[i]);
+          cp[i] += __builtin_popcountll(m);
+        }
+        const __m512i t0v = _mm512_unpacklo_epi8(a[0], a[1]), t1v = _mm512_unpackhi_epi8(a[0], a[1]);
+        const __m512i t2v = _mm512_unpacklo_epi8(a[2], a[3]), t3v = _mm512_unpackhi_epi8(a[2], a[3]);
+        const __m512i u[4] = {_mm512_xor_si512(_mm512_unpacklo_epi16(t0v, t2v), flip),
+                              _mm512_xor_si512(_mm512_unpackhi_epi16(t0v, t2v), flip),
+                              _mm512_xor_si512(_mm512_unpacklo_epi16(t1v, t3v), flip),
+                              _mm512_xor_si512(_mm512_unpackhi_epi16(t1v, t3v), flip)};
+#pragma GCC unroll 4
+        for (int tt = 0; tt < TT; ++tt) {
+          int32_t* ac = acc + tt * cols + c;
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k)
+            _mm512_store_si512(ac + 16 * k, _mm512_dpbusd_epi32(_mm512_load_si512(ac + 16 * k), u[k], xb[tt]));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int tt = 0; tt < TT; ++tt) {
+      const __m512 xs = _mm512_set1_ps(X.s.get()[(t0 + tt) * X.nblk + b]);
+      float* p = P + tt * cols;
+      const int32_t* ac = acc + tt * cols;
+      for (int64_t c = 0; c < cols; c += 16)
+        _mm512_store_ps(p + c, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(ac + c)), xs, _mm512_load_ps(p + c)));
+    }
+  }
+}
+
+// out[c] = P[c] with the interleaved order of qnn64_vnni_rows undone (64 columns at a time: lane 4L + j of
+// register k holds column 16L + 4k + j); add: out += instead of =.
+FIPS_VNNI void vnni_unpermute(const float* P, int64_t cols, float* out, bool add) {
+  for (int64_t c = 0; c < cols; c += 64) {
+    const __m512 p0 = _mm512_load_ps(P + c), p1 = _mm512_load_ps(P + c + 16), p2 = _mm512_load_ps(P + c + 32),
+                 p3 = _mm512_load_ps(P + c + 48);
+    const __m512 a = _mm512_shuffle_f32x4(p0, p1, 0x44), bb = _mm512_shuffle_f32x4(p0, p1, 0xEE);
+    const __m512 d = _mm512_shuffle_f32x4(p2, p3, 0x44), e = _mm512_shuffle_f32x4(p2, p3, 0xEE);
+    const __m512 o[4] = {_mm512_shuffle_f32x4(a, d, 0x88), _mm512_shuffle_f32x4(a, d, 0xDD),
+                         _mm512_shuffle_f32x4(bb, e, 0x88), _mm512_shuffle_f32x4(bb, e, 0xDD)};
+    for (int k = 0; k < 4; ++k) {
+      float* y = out + c + 16 * k;
+      _mm512_storeu_ps(y, add ? _mm512_add_ps(_mm512_loadu_ps(y), o[k]) : o[k]);
+    }
+  }
+}
+
+// Work per task of the quantized-activation kernels: at least this many kept entries (below it the
+// thread hand-off costs more than it saves; FIPS_QSPARSE_ACT8_TASK_NNZ overrides, for measurements).
+int64_t act8_task_nnz() {
+  static const int64_t n = [] {
+    const char* e = std::getenv("FIPS_QSPARSE_ACT8_TASK_NNZ");
+    return e && e[0] ? std::max<int64_t>(1, std::strtoll(e, nullptr, 10)) : int64_t(kAct8TaskNnz);
+  }();
+  return n;
+}
+
+void qnn_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const int64_t cols = t.cols;
+  const ActNN X(Q, A, T);
+  // row slices of whole 64-row blocks; a fixed split (by kept entries), partial sums added in slice order
+  const int64_t nblk = X.nblk;
+  const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>({8, nblk, t.nnz * T / act8_task_nnz()}));
+  const std::vector<int64_t> bound = balanced_rows(t, nsplit, kActBlock);
+  std::vector<float> partial(static_cast<size_t>((nsplit - 1) * T * cols));
+  run_tasks(runner, static_cast<size_t>(nsplit), [&](size_t i) {
+    const int64_t r0 = bound[i], r1 = bound[i + 1];
+    float* out = i == 0 ? Y : partial.data() + (i - 1) * T * cols;
+    const int64_t tb = std::min<int64_t>(T, 4);
+    Scratch<float> P(static_cast<size_t>(tb * cols));
+    Scratch<int32_t> acc(static_cast<size_t>(tb * cols));
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      const int64_t n = std::min<int64_t>(4, T - t0);
+      if (t0) std::memset(P.get(), 0, static_cast<size_t>(tb * cols) * sizeof(float));
+      switch (n) {
+        case 1: qnn64_vnni_rows<1>(Q, X, t0, P.get(), acc.get(), r0, r1); break;
+        case 2: qnn64_vnni_rows<2>(Q, X, t0, P.get(), acc.get(), r0, r1); break;
+        case 3: qnn64_vnni_rows<3>(Q, X, t0, P.get(), acc.get(), r0, r1); break;
+        default: qnn64_vnni_rows<4>(Q, X, t0, P.get(), acc.get(), r0, r1); break;
+      }
+      for (int64_t tt = 0; tt < n; ++tt) vnni_unpermute(P.get() + tt * cols, cols, out + (t0 + tt) * cols, false);
+    }
+  });
+  add_partials(Y, partial.data(), nsplit - 1, T * cols);
+}
+
+void qnt_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const ActNT X(A, T, t.cols);
+  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>({16, ceil_div(t.rows, 32), t.nnz * T / act8_task_nnz()}));
+  const std::vector<int64_t> bound = balanced_rows(t, ntask, 4);
+  run_tasks(runner, static_cast<size_t>(ntask), [&](size_t i) {
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      switch (std::min<int64_t>(4, T - t0)) {
+        case 1: qnt64_vnni_rows<1>(Q, X, t0, Y, bound[i], bound[i + 1]); break;
+        case 2: qnt64_vnni_rows<2>(Q, X, t0, Y, bound[i], bound[i + 1]); break;
+        case 3: qnt64_vnni_rows<3>(Q, X, t0, Y, bound[i], bound[i + 1]); break;
+        default: qnt64_vnni_rows<4>(Q, X, t0, Y, bound[i], bound[i + 1]); break;
+      }
+    }
+  });
+}
+
+// The quantized-activation kernels apply (else the exact kernels run).
+bool act8_applies(const QSparseMatrix& Q) {
+  return Q.act_bits == 8 && Q.bits == 8 && Q.group_size == 0 && Q.t->cols % kActBlock == 0 && use_vnni();
 }
 #endif  // FIPS_HAVE_AVX512
 
@@ -788,6 +1092,9 @@ void by_tokens(int64_t tt, const QSparseMatrix& Q, const float* A, float* P, int
 constexpr int64_t kTokBlock = 4;  // tokens per register block of the fused kernels
 
 void qnn_simd(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+#if FIPS_HAVE_AVX512
+  if (act8_applies(Q)) return qnn_vnni(Q, A, T, Y, runner);
+#endif
   const MaskTables& t = *Q.t;
   const int64_t rows = t.rows, cols = t.cols;
   const int64_t fast = fast_rows(Q);
@@ -800,16 +1107,13 @@ void qnn_simd(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const
     for (int64_t t0 = 0; t0 < T; t0 += kTokBlock)
       by_tokens<NNRows>(std::min(kTokBlock, T - t0), Q, A + t0 * rows, P + t0 * cols, bound[i], bound[i + 1], fast);
   });
-  const int64_t n = T * cols;
-  for (int64_t i = 1; i < nsplit; ++i) {
-    const float* P = partial.data() + (i - 1) * n;
-    int64_t k = 0;
-    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(Y + k, _mm256_add_ps(_mm256_loadu_ps(Y + k), _mm256_loadu_ps(P + k)));
-    for (; k < n; ++k) Y[k] += P[k];
-  }
+  add_partials(Y, partial.data(), nsplit - 1, T * cols);
 }
 
 void qnt_simd(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+#if FIPS_HAVE_AVX512
+  if (act8_applies(Q)) return qnt_vnni(Q, A, T, Y, runner);
+#endif
   const MaskTables& t = *Q.t;
   const int64_t rows = t.rows, cols = t.cols;
   const int64_t fast = fast_rows(Q);

@@ -30,6 +30,8 @@ namespace fips {
 // than dequantize + fp32, int4 g=32 fused 2x slower). FIPS_QSPARSE_FUSED_MAX_T=N overrides both.
 constexpr int64_t kQFusedMaxT = 8;          // int4, and int8 with grouped scales
 constexpr int64_t kQFusedMaxTInt8Row = 16;  // int8 with per-row scales
+// activation_bits = 8 kernels: kept entries (times tokens) per task at least (smaller: fewer tasks).
+constexpr int64_t kAct8TaskNnz = 196608;  // SmolLM2 V (415k kept entries): 2 tasks at T = 1
 
 struct QSparseMatrix {
   const uint8_t* codes;  // int8 [nnz] (bits 8) or packed uint8 [ceil(nnz / 2)] (bits 4)
@@ -41,6 +43,7 @@ struct QSparseMatrix {
   const uint8_t* mask;
   size_t mask_bytes;
   const MaskTables* t;
+  int act_bits = 0;      // 0: float activations (exact); 8: A may be quantized to int8 (activation_bits)
 };
 
 // The QSparseMatMul rule beyond SparseMatMul's (docs/sparse-op.md): nullptr when bits and

@@ -50,6 +50,8 @@
 #error "FIPS_KERNEL_LEVEL must be 0 (portable), 1 (avx2) or 2 (avx512)"
 #endif
 
+#include "mask_walk.h"  // ceil_div, bit_at, bits8, low_bits, RowBits, run_tasks, balanced_rows, add_partials
+
 namespace fips {
 namespace FIPS_LEVEL_NS {
 namespace {
@@ -58,40 +60,6 @@ inline int popcnt32(unsigned x) { return __builtin_popcount(x); }
 
 // 0 = scalar, 1 = AVX2 + FMA, 2 = AVX-512F (few-token kernels): fixed by this compilation.
 constexpr int simd_level() { return FIPS_HAVE_AVX512 ? 2 : (FIPS_HAVE_AVX2 ? 1 : 0); }
-
-inline bool bit_at(const uint8_t* mask, uint64_t p) { return (mask[p >> 3] >> (p & 7)) & 1u; }
-
-// The 8 mask bits of columns [c, c+8) of a row, i.e. bits [p, p+8) with p = row*cols + c.
-// A row starts at bit row*cols, which is byte-aligned only when cols % 8 == 0; otherwise the
-// group straddles two bytes: take the high (8 - sh) bits of the first byte and the low sh
-// bits of the next one. Never reads past mask[nbytes - 1].
-inline unsigned bits8(const uint8_t* mask, size_t nbytes, uint64_t p) {
-  const size_t b = static_cast<size_t>(p >> 3);
-  const unsigned sh = static_cast<unsigned>(p & 7);
-  unsigned v = mask[b];
-  if (sh) {
-    v >>= sh;
-    if (b + 1 < nbytes) v |= static_cast<unsigned>(mask[b + 1]) << (8 - sh);
-  }
-  return v & 0xFFu;
-}
-
-// Reader for the groups of one row (row start at bit `base`): byte loads through a row
-// pointer when rows are byte-aligned, else the straddling read.
-template <bool ALIGNED>
-struct RowBits {
-  const uint8_t* mask;
-  size_t nbytes;
-  uint64_t base;
-  const uint8_t* row;
-  RowBits(const uint8_t* m, size_t nb, uint64_t b) : mask(m), nbytes(nb), base(b), row(m + (b >> 3)) {}
-  // bits of columns [c, c+8); c is a multiple of 8 when ALIGNED
-  unsigned operator()(int64_t c) const { return ALIGNED ? row[c >> 3] : bits8(mask, nbytes, base + c); }
-};
-
-inline unsigned low_bits(int n) { return n >= 8 ? 0xFFu : ((1u << n) - 1u); }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Token chunk per task (scalar path, and transB = 1 below kBigTnt).
 constexpr int64_t kTokenChunk = 64;
@@ -128,23 +96,6 @@ constexpr int64_t kMidMaxT = 16;
 // Rows per task for transB = 1: 64 (fewer for small matrices so there are >= 8 tasks).
 int64_t nt_row_chunk(int64_t rows) { return std::max<int64_t>(8, std::min<int64_t>(64, ceil_div(rows, 8))); }
 
-// Row boundaries of `parts` slices holding about the same number of kept entries (the work of
-// the few-token kernels), each boundary a multiple of `align` rows. Pruning empties rows very
-// unevenly (the weakest basis directions of a FiPS V lose all their entries, the strongest
-// keep most), so equal row counts would leave one thread with most of the work. Depends only
-// on the mask, so the summation order stays fixed for every thread count.
-[[maybe_unused]] std::vector<int64_t> balanced_rows(const MaskTables& t, int64_t parts, int64_t align) {
-  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
-  b[0] = 0;
-  for (int64_t k = 1; k < parts; ++k) {
-    const int64_t target = t.nnz * k / parts;
-    int64_t r = std::lower_bound(t.row_off.begin(), t.row_off.end(), target) - t.row_off.begin();
-    r = std::min(t.rows, (r + align / 2) / align * align);
-    b[k] = std::max(b[k - 1], r);
-  }
-  return b;
-}
-
 // FIPS_SPARSE_MULTIROW=0: no multi-row kernels (read once per process).
 [[maybe_unused]] bool multirow_enabled() {
   static const bool on = [] {
@@ -152,16 +103,6 @@ int64_t nt_row_chunk(int64_t rows) { return std::max<int64_t>(8, std::min<int64_
     return !(e && std::strcmp(e, "0") == 0);
   }();
   return on;
-}
-
-// Packs a callable into the (fn, arg) pair the TaskRunner wants.
-template <class F>
-void run_tasks(const TaskRunner& runner, size_t n, F&& f) {
-  if (n == 0) return;
-  struct Tramp {
-    static void call(void* p, size_t i) { (*static_cast<F*>(p))(i); }
-  };
-  runner.run(n, &Tramp::call, static_cast<void*>(&f));
 }
 
 #if !FIPS_HAVE_AVX2
@@ -969,13 +910,7 @@ void nn_avx2(const SparseMatrix& V, const float* A, int64_t T, float* Y, const T
       float* P = i == 0 ? Y : partial.data() + (i - 1) * T * cols;
       nn_walk_dispatch<ALIGNED>(T, V, A, P, r0, r1);
     });
-    const int64_t n = T * cols;
-    for (int64_t i = 1; i < nsplit; ++i) {
-      const float* P = partial.data() + (i - 1) * n;
-      int64_t k = 0;
-      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(Y + k, _mm256_add_ps(_mm256_loadu_ps(Y + k), _mm256_loadu_ps(P + k)));
-      for (; k < n; ++k) Y[k] += P[k];
-    }
+    add_partials(Y, partial.data(), nsplit - 1, T * cols);
   } else if (T < kBigTnn) {
     // One task per block of kWalkT tokens, each walking all rows of V.
     run_tasks(runner, static_cast<size_t>(ceil_div(T, kWalkT)), [&](size_t b) {
