@@ -71,6 +71,8 @@ ROWS.update({
     "x2+kl30-lr3e-4": dict(DEMO_RECIPE, global_steps=30, global_lr=3e-4, global_batch=1),
     "x2+kl30-lr3e-5": dict(DEMO_RECIPE, global_steps=30, global_lr=3e-5, global_batch=1),
     "x2+kl30-lr1e-4-norms": dict(DEMO_RECIPE, global_steps=30, global_lr=1e-4, global_batch=1, global_norms=True),
+    "x2+kl60-lr1e-4": dict(DEMO_RECIPE, global_steps=60, global_lr=1e-4, global_batch=1),
+    "x2+kl100-lr1e-4": dict(DEMO_RECIPE, global_steps=100, global_lr=1e-4, global_batch=1),
     "x2+kl60-lr1e-4-seq256": dict(DEMO_RECIPE, global_steps=60, global_lr=1e-4, global_batch=1, global_seq_len=256),
 })
 

@@ -15,12 +15,12 @@ from torch import nn
 
 from .adapters import Adapter, get_submodule, linear_paths, set_submodule, stage_of_layer
 from .budget import check_groups, consecutive_groups, kept_nnz, mlp_budget_from_model_budget, rank_for_budget
-from .capture import (count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, statistics_and_io,
-                      teacher_io)
+from .capture import count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, teacher_io
 from .config import FipsConfig
 from .decompose import diag_scale, normalized_cov, score_of, shared_svd_init, whitening_factor
 from .errors import FipsError
 from .modules import FipsLinear, SharedBasis
+from .procmem import release_freed_memory
 from .selection import magnitude_masks, select
 from .sparsity import gmp_sparsity, nm_mask, rigl_drop_fraction, rigl_update
 
@@ -482,32 +482,70 @@ def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: Fip
 
 # --------------------------------------------------------------------------- orchestration
 def _save_state(state_dir: Path, plan: GroupPlan, mods: list[FipsLinear], info: dict) -> None:
+    """A finished group, compact: U, and per V its kept values + packed bitmask (the checkpoint's sparse
+    format, float32; V is zero outside its mask), written under a temporary name and renamed."""
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"U": mods[0].basis.weight.detach().cpu()}
     for i, m in enumerate(mods):
-        tensors[f"V{i}"] = m.V.detach().cpu()
-        tensors[f"M{i}"] = m.mask.detach().cpu()
+        vals, pm = m.packed()
+        tensors[f"values{i}"] = torch.from_numpy(vals)
+        tensors[f"mask{i}"] = torch.from_numpy(pm)
         if m.bias is not None:
             tensors[f"b{i}"] = m.bias.detach().cpu()
+    shapes = [list(m.V.shape) for m in mods]
     tmp = state_dir / f".group_{plan.index:03d}.tmp"
-    torch.save({"tensors": tensors, "info": info, "layers": plan.layers, "rank": plan.rank}, tmp)
-    tmp.replace(state_dir / f"group_{plan.index:03d}.pt")
+    try:
+        torch.save({"tensors": tensors, "shapes": shapes, "info": info, "layers": plan.layers, "rank": plan.rank},
+                   tmp)
+        tmp.replace(state_dir / f"group_{plan.index:03d}.pt")
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _load_state(state_dir: Path, plan: GroupPlan):
+    """A saved group with its V and masks dense again (``tensors``: U, V{i}, M{i}, b{i}), or None."""
+    from .sparse_format import unpack, unpack_mask
     f = state_dir / f"group_{plan.index:03d}.pt"
     if not f.is_file():
         return None
     obj = torch.load(str(f), map_location="cpu", weights_only=True)
-    if obj["layers"] != plan.layers or obj["rank"] != plan.rank:
+    if obj.get("layers") != plan.layers or obj.get("rank") != plan.rank or "shapes" not in obj:
         raise FipsError(f"--resume: {f} was made with other settings (layers/rank differ); use a new --state-dir.")
+    t = obj["tensors"]
+    for i, shape in enumerate(obj["shapes"]):
+        pm = t.pop(f"mask{i}").contiguous().numpy()
+        t[f"V{i}"] = torch.from_numpy(unpack(t.pop(f"values{i}").contiguous().numpy(), pm, tuple(shape)))
+        t[f"M{i}"] = torch.from_numpy(unpack_mask(pm, tuple(shape)))
     return obj
+
+
+def _record_io(model, adapter: Adapter, layers, layer_ids: list[int], batches, progress=False, stats: bool = False):
+    """Teacher MLP I/O of ``layer_ids`` (and with ``stats`` the whitening statistics of every layer) from
+    one pass of the model: ``capture.statistics_and_io`` / ``teacher_io``, but each layer's per-batch
+    pieces are concatenated and dropped one layer at a time, so the I/O is in memory once (not twice
+    while every layer's concatenation is built)."""
+    from .capture import Tokens, _io_hooks, _statistics_hooks, forward_batches
+    st, tokens = {}, Tokens()
+    xs, ys = {li: [] for li in layer_ids}, {li: [] for li in layer_ids}
+    handles = (_statistics_hooks(model, adapter, layers, tokens, st) if stats else []) + _io_hooks(
+        model, adapter, layer_ids, tokens, xs, ys)
+    forward_batches(model, adapter, batches, tokens, handles, stop_layer=len(layers) - 1 if stats else max(layer_ids),
+                    desc="calibration statistics and activations" if stats else
+                    f"teacher activations (layers {layer_ids[0]}-{max(layer_ids)})", progress=progress)
+    X, Y = {}, {}
+    for li in layer_ids:
+        X[li] = torch.cat(xs.pop(li))
+        Y[li] = torch.cat(ys.pop(li))
+    release_freed_memory()
+    return (st, (X, Y)) if stats else (X, Y)
 
 
 def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[dict] | None, *, device: torch.device,
                   progress: bool = False, state_dir: str | Path | None = None, resume: bool = False,
                   log=print) -> dict:
     t0 = time.time()
+    release_freed_memory()  # large freed buffers (calibration pieces, temporaries) go back to the system
     torch.manual_seed(cfg.seed)
     plans, budget = plan_groups(model, adapter, cfg)
     if cfg.init == "whitened" or cfg.steps > 0 or cfg.global_steps > 0:
@@ -516,7 +554,8 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
     state = Path(state_dir) if state_dir else None
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
-        meta = {"config": cfg.to_dict(), "groups": [p.layers for p in plans], "ranks": [p.rank for p in plans]}
+        meta = {"config": cfg.to_dict(), "groups": [p.layers for p in plans], "ranks": [p.rank for p in plans],
+                "state_format": 2}
         meta_file = state / "plan.json"
         if resume and meta_file.is_file():
             old = json.loads(meta_file.read_text())
@@ -558,7 +597,7 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
         # any (keep_teacher), else the partially compressed model (inputs then carry earlier groups' error)
         first = all(isinstance(get_submodule(model, pth), nn.Linear) for li in range(len(layers)) for pth, _ in layers[li])
         src = model if first or teacher is None else teacher
-        return teacher_io(src, adapter, io_layers(start_index), calibration, progress)
+        return _record_io(src, adapter, layers, io_layers(start_index), calibration, progress)
 
     # the whitening statistics and the first groups' teacher I/O come from one pass of the dense model
     io_cache: tuple[dict, dict] = ({}, {})
@@ -566,11 +605,11 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
     needs_io = cfg.steps > 0 or cfg.refit != "none"
     first_io = io_layers(todo[0].index) if needs_io and todo else []
     if cfg.init == "whitened" and first_io:
-        stats, io_cache = statistics_and_io(model, adapter, layers, first_io, calibration, progress)
+        stats, io_cache = _record_io(model, adapter, layers, first_io, calibration, progress, stats=True)
     elif cfg.init == "whitened":
         stats = input_statistics(model, adapter, layers, calibration, progress)
     elif first_io:
-        io_cache = teacher_io(model, adapter, first_io, calibration, progress)
+        io_cache = _record_io(model, adapter, layers, first_io, calibration, progress)
     # shared init of every group, then one global magnitude threshold allots V entries across groups
     inits = []
     for plan in plans:
@@ -591,8 +630,11 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
             k += len(ini.V)
     group_info = []
     k = 0
-    for plan, ini in zip(plans, inits):
+    for gi, plan in enumerate(plans):
+        ini = inits[gi]
+        inits[gi] = None  # each group's init is dropped once its group is installed
         n_lin = len(ini.V)
+        col_scale = ini.col_scale
         saved = _load_state(state, plan) if (state is not None and resume) else None
         if saved is not None:
             t = saved["tensors"]
@@ -612,6 +654,7 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
                 masks = [nm_mask(s, *cfg.nm) for s in ini.scores]
             else:
                 masks = masks_final[k:k + n_lin]
+                masks_final[k:k + n_lin] = [None] * n_lin
             info = {}
             if needs_io:  # before the group is replaced: sequential inputs see only the groups before it
                 if not all(li in io_cache[0] for li in plan.layers):
@@ -620,13 +663,14 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
                                 progress=progress)
             dense_w = [_oriented(model, p, o) for p, o in plan.linears] if cfg.refit != "none" else None
             mods = install_group(model, plan, ini.U, ini.V, masks, device)
+            del ini, masks
             if needs_io:
                 t1 = time.time()
                 if cfg.refit in ("before", "both") or (cfg.refit == "after" and cfg.steps == 0):
                     info.update({f"{k}_before": v for k, v in
                                  refit_group(model, adapter, plan, mods, dense_w, X, Y, cfg, device).items()})
                 if cfg.steps > 0:
-                    info.update(train_group_local(model, adapter, plan, mods, ini.col_scale, cfg, X, Y, device,
+                    info.update(train_group_local(model, adapter, plan, mods, col_scale, cfg, X, Y, device,
                                                   progress))
                     if cfg.refit in ("after", "both"):
                         info.update({f"{k}_after": v for k, v in
@@ -635,6 +679,8 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
                 del X, Y, dense_w
             if state is not None:
                 _save_state(state, plan, mods, info)
+        ini = None
+        release_freed_memory()
         k += n_lin
         info.update(layers=plan.layers, rank=plan.rank, nnz=sum(m.nnz for m in mods),
                     density=sum(m.nnz for m in mods) / sum(m.mask.numel() for m in mods))

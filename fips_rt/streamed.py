@@ -42,7 +42,7 @@ from .fips import (
     train_group_local,
 )
 from .modules import FipsLinear, SharedBasis
-from .procmem import ProcessMemory
+from .procmem import ProcessMemory, release_freed_memory
 from .selection import (
     Threshold,
     finish,
@@ -346,18 +346,56 @@ def plan_memory(sk: Skeleton, plans: list[GroupPlan], cfg: FipsConfig, tokens: i
             "machine": per_rank * local_ranks}
 
 
-def release_freed_memory() -> None:
-    """glibc: serve every allocation of 1 MiB or more by mmap (freed memory goes back to the system at
-    once, instead of fragmenting the heap as the dynamic threshold lets tensors of up to 32 MiB do) and
-    trim the heap now. A no-op elsewhere."""
+def plan_disk(sk: Skeleton, plans: list[GroupPlan], cfg: FipsConfig, tokens: int, world: int = 1) -> dict:
+    """Bytes the run writes to the disk of its state folder and checkpoint at the peak (an estimate):
+    offloaded activations + every group's init while the allocation waits for them (compact without
+    local steps: about the entries the running bound keeps, see ``_bound_bin``), then the packed
+    groups + the checkpoint (the state folder is removed after the checkpoint is written)."""
+    needs_io = cfg.steps > 0 or cfg.refit != "none"
+    io_all = sum(_io_bytes(p.d, tokens, len(p.layers)) for p in plans) if needs_io else 0
+    acts = io_all if io_all > cfg.activation_memory_gb * GiB else 0
+    keep = sum(kept_nnz(p.rank, len(p.linears) * p.d_ff, cfg.sparsity) for p in plans)
+    compact = cfg.steps == 0 and cfg.pruning != "nm"
+    inits = 0
+    for rk in range(max(1, world)):  # each rank bounds with the groups it initialized itself
+        cum = 0
+        for p in plans[rk::max(1, world)]:
+            n = p.rank * len(p.linears) * p.d_ff
+            cum += n
+            frac = min(1.0, keep / cum + 0.05) if compact else 1.0
+            inits += int(n * (4 * frac + (0.125 if compact and frac < 1 else 0))) + p.d * p.rank * 4 \
+                + len(p.linears) * (p.d_ff * 4 + 8 * (1 << 16))
+    packed = sum(int(p.rank * len(p.linears) * p.d_ff * (1 - cfg.sparsity)) * 4 + p.rank * len(p.linears) * p.d_ff // 8
+                 + p.d * p.rank * 4 for p in plans)
+    mlp = {pth + ".weight" for p in plans for pth, _ in p.linears}
+    unchanged = sum(t.numel() * 4 for n, t in {id(t): (n, t) for n, t in sk.model.state_dict(keep_vars=True).items()
+                                                if n not in mlp}.values())
+    checkpoint = packed + unchanged + (1 << 20)
+    return {"activations": acts, "inits": inits, "packed_groups": packed, "checkpoint": checkpoint,
+            "peak": max(acts + inits, packed + checkpoint)}
+
+
+def disk_free(path: Path) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    import shutil
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
     try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def disk_full(e: BaseException) -> bool:
+    """An exception that means a write failed for lack of space: OSError ENOSPC / EDQUOT, or torch's zip
+    writer failing mid-file (it reports a short write as a RuntimeError, not an OSError)."""
+    import errno
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(t in msg for t in (
+        "No space left", "file write failed", "unexpected pos", "failed writing file"))
 
 
 def mem_available() -> int | None:
@@ -419,9 +457,83 @@ def _state_file(state: Path, kind: str, g: int) -> Path:
 
 
 def _save(obj: dict, f: Path) -> None:
+    """torch.save under a temporary name, then rename (a failed write leaves no temporary behind)."""
     tmp = f.with_name("." + f.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(f)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(f)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_temporaries(state: Path) -> None:
+    """The state folder's half-written files (``.NAME.tmp``) and offloaded activations (recomputed by a
+    resumed run): what a failed run leaves that nothing can use."""
+    if Path(state).is_dir():
+        for f in list(Path(state).glob(".*.tmp")) + list(Path(state).glob("act_*.pt")):
+            f.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- compact init state
+# The init of each group waits in the state folder for the global allocation. With no local steps
+# (init only / refits) only entries that can be kept matter, and the global threshold is at least the
+# keep-th largest score among the groups initialized so far (a subset): entries whose score key lies
+# below that bound's histogram bin can never be kept, so the init stores the others as values + packed
+# bitmask (the checkpoint's sparse format, float32). The lo pass of the allocation and the masks read
+# the stored entries only (the rest score -1): the same threshold and masks as from the dense V.
+def _bound_bin(seen: torch.Tensor, keep: int) -> int | None:
+    """The upper-16-bit bin of the keep-th largest key counted in ``seen`` ([65536] histogram), or
+    None when fewer than ``keep`` entries were counted (no bound yet)."""
+    from .selection import _from_top
+    if keep <= 0 or int(seen.sum()) < keep:
+        return None
+    return int((_from_top(seen) >= keep).nonzero().max())
+
+
+def _bin_floor(b: int) -> float | None:
+    """The smallest float32 score whose key lies in upper bin ``b`` (None: a bin of negative scores)."""
+    if b < 1 << 15:
+        return None
+    return float(torch.tensor([(b << 16) - (1 << 31)], dtype=torch.int32).view(torch.float32))
+
+
+def _init_v(ini: dict, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linear j of a stored init: (dense V, stored-entries mask or None when all are stored)."""
+    from .sparse_format import unpack, unpack_mask
+    if "V" in ini:
+        return ini["V"][j], None
+    pm = ini["masks"][j].contiguous().numpy()
+    shape = tuple(ini["shapes"][j])
+    return (torch.from_numpy(unpack(ini["values"][j].contiguous().numpy(), pm, shape)),
+            torch.from_numpy(unpack_mask(pm, shape)))
+
+
+def _masked_score(v: torch.Tensor, c: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
+    s = score_of(v, c)
+    return s if stored is None else s.masked_fill_(~stored, -1.0)
+
+
+def _save_threshold(state: Path, th: Threshold) -> None:
+    f = state / "threshold.json"
+    tmp = f.with_name("." + f.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"key": th.key, "all": th.all, "quotas": th.quotas, "kept": th.kept}))
+        tmp.replace(f)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_threshold(state: Path) -> Threshold | None:
+    f = state / "threshold.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+        return Threshold(d["key"], all=bool(d["all"]), quotas=d["quotas"], kept=d["kept"])
+    except (ValueError, KeyError, TypeError):
+        raise FipsError(f"--resume: {f} is damaged; rerun without --resume.") from None
 
 
 def _load(f: Path, plan: GroupPlan) -> dict:
@@ -489,7 +601,7 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
     needs_io = cfg.steps > 0 or cfg.refit != "none"
     state = Path(state_dir)
     meta = {"config": cfg.to_dict(), "groups": [p.layers for p in plans], "ranks": [p.rank for p in plans],
-            "engine": "streamed"}
+            "engine": "streamed", "state_format": 2}
     if r.rank == 0:
         state.mkdir(parents=True, exist_ok=True)
         meta_file = state / "plan.json"
@@ -497,7 +609,8 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
             if json.loads(meta_file.read_text()) != json.loads(json.dumps(meta)):
                 raise FipsError(f"--resume: {state} holds a run with other settings; use a new --state-dir.")
         elif not resume:
-            for f in list(state.glob("group_*.pt")) + list(state.glob("init_*.pt")) + list(state.glob("act_*.pt")):
+            for f in (list(state.glob("group_*.pt")) + list(state.glob("init_*.pt")) + list(state.glob("act_*.pt"))
+                      + list(state.glob("threshold.json"))):
                 f.unlink()
         meta_file.write_text(json.dumps(meta))
     D.barrier(r, "preparing the state folder")
@@ -507,9 +620,15 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
     for p in mine:
         if p.index in done:
             _load(_state_file(state, "group", p.index), p)  # settings check
+    th: Threshold | None = _load_threshold(state) if resume and cfg.pruning != "nm" else None
+    need_hist = cfg.pruning != "nm" and th is None
+    missing = [p.index for p in mine if p.index not in done and p.index not in inited]
+    if resume and ((need_hist and done) or (th is not None and missing)):
+        raise FipsError(f"--resume: {state} is incomplete (groups finished without the allocation, or the "
+                        f"allocation without every init); rerun without --resume.")
     # 1. calibration statistics and teacher I/O, block by block
     mem.start("statistics")
-    stat_groups = [p for p in mine if p.index not in inited]
+    stat_groups = [p for p in mine if p.index not in inited and p.index not in done]
     io_groups = [p for p in mine if p.index not in done] if needs_io else []
     whitening, io = calibration_pass(sk, plans, cfg, batches or [], stat_groups=stat_groups, io_groups=io_groups,
                                      state=state, progress=progress, log=log, mem=mem) \
@@ -520,40 +639,71 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
     n_lin = [len(p.linears) for p in plans]
     offs = [sum(n_lin[:i]) for i in range(len(plans))]
     total_t = sum(n_lin)
-    hi = torch.zeros(total_t, 1 << 16, dtype=torch.int64)
+    total_keep = sum(kept_nnz(p.rank, len(p.linears) * p.d_ff, cfg.sparsity) for p in plans)
+    compact = cfg.steps == 0 and cfg.pruning != "nm"  # local steps start from (nearly) the whole V
+    hi = torch.zeros(total_t, 1 << 16, dtype=torch.int64) if need_hist else None
+    seen = torch.zeros(1 << 16, dtype=torch.int64)  # pass-1 counts of the groups initialized so far
     for p in mine:
+        if p.index in done:
+            continue
         f = _state_file(state, "init", p.index)
         if p.index in inited:
-            ini = _load(f, p)
+            if need_hist:
+                rows = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                if rows.get("layers") != p.layers or rows.get("rank") != p.rank:
+                    raise FipsError(f"--resume: {f} was made with other settings; use a new --state-dir.")
+                hi[offs[p.index]:offs[p.index] + n_lin[p.index]] = rows["hi"]
+                seen += rows["hi"].sum(0)
+                del rows
+            continue
+        t1 = time.time()
+        w = sk.oriented(p)
+        ini_obj = init_group(sk.model, p, cfg, None, weights=w, whitening=whitening.get(p.index))
+        del w
+        rows = torch.stack([hi_histogram(score_of(v, c)) for v, c in zip(ini_obj.V, ini_obj.col_scale)])
+        if need_hist:
+            hi[offs[p.index]:offs[p.index] + n_lin[p.index]] = rows
+        seen += rows.sum(0)
+        ini = {"U": ini_obj.U, "col_scale": ini_obj.col_scale, "layers": p.layers, "rank": p.rank,
+               "seconds": time.time() - t1, "hi": rows}
+        b = _bound_bin(seen, total_keep) if compact else None
+        floor = None if b is None else _bin_floor(b)
+        if floor is None:
+            ini["V"] = ini_obj.V
         else:
-            t1 = time.time()
-            w = sk.oriented(p)
-            ini_obj = init_group(sk.model, p, cfg, None, weights=w, whitening=whitening.get(p.index))
-            del w
-            ini = {"U": ini_obj.U, "V": ini_obj.V, "col_scale": ini_obj.col_scale, "layers": p.layers,
-                   "rank": p.rank, "seconds": time.time() - t1}
-            del ini_obj
-            _save(ini, f)
-            if progress:
-                log(f"group {p.index} (layers {p.layers[0]}-{p.layers[-1]}, rank {p.rank}): init in "
-                    f"{ini['seconds']:.0f} s")
-        for j, (v, c) in enumerate(zip(ini["V"], ini["col_scale"])):
-            hi[offs[p.index] + j] = hi_histogram(score_of(v, c))
+            from .sparse_format import pack_mask
+            ini.update(values=[], masks=[], shapes=[])
+            for j, (v, c) in enumerate(zip(ini_obj.V, ini_obj.col_scale)):
+                keep = score_of(v, c) >= floor
+                ini["values"].append(v[keep].contiguous())
+                ini["masks"].append(torch.from_numpy(pack_mask(keep.numpy())))
+                ini["shapes"].append(list(v.shape))
+                ini_obj.V[j] = None
+                del keep, v
+        del ini_obj
+        _save(ini, f)
+        if progress:
+            log(f"group {p.index} (layers {p.layers[0]}-{p.layers[-1]}, rank {p.rank}): init in "
+                f"{ini['seconds']:.0f} s")
         del ini
-    total_keep = sum(kept_nnz(p.rank, len(p.linears) * p.d_ff, cfg.sparsity) for p in plans)
-    th: Threshold | None = None
+        release_freed_memory()
     if cfg.pruning != "nm":
-        hi = D.all_sum(r, hi, "summing the allocation histograms")
-        upper, th = upper_bin(hi, total_keep)
         if th is None:
-            lo = torch.zeros_like(hi)
-            for p in mine:
-                ini = _load(_state_file(state, "init", p.index), p)
-                for j, (v, c) in enumerate(zip(ini["V"], ini["col_scale"])):
-                    lo[offs[p.index] + j] = lo_histogram(score_of(v, c), upper)
-                del ini
-            lo = D.all_sum(r, lo, "summing the allocation histograms")
-            th = finish(hi, lo, upper, total_keep)
+            hi = D.all_sum(r, hi, "summing the allocation histograms")
+            upper, th = upper_bin(hi, total_keep)
+            if th is None:
+                lo = torch.zeros_like(hi)
+                for p in mine:
+                    ini = _load(_state_file(state, "init", p.index), p)
+                    for j, c in enumerate(ini["col_scale"]):  # one V at a time
+                        v, stored = _init_v(ini, j)
+                        lo[offs[p.index] + j] = lo_histogram(_masked_score(v, c, stored), upper)
+                        del v, stored
+                    del ini
+                lo = D.all_sum(r, lo, "summing the allocation histograms")
+                th = finish(hi, lo, upper, total_keep)
+            if r.rank == 0:  # a resumed run starts its local phase from here
+                _save_threshold(state, th)
         for p in plans:  # every group's share of the global budget (the same on every rank)
             p.nnz = sum(th.kept[offs[p.index]:offs[p.index] + len(p.linears)])
     else:
@@ -572,18 +722,22 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
                     io.pop(li, None)
             log(f"group {p.index}: resumed from {state}")
             continue
-        ini = _load(_state_file(state, "init", p.index), p)
-        scores = [score_of(v, c) for v, c in zip(ini["V"], ini["col_scale"])] if cfg.pruning == "nm" or (
-            cfg.steps > 0) else None
+        init_file = _state_file(state, "init", p.index)
+        ini = _load(init_file, p)
+        col_scales = ini["col_scale"]
+        vs = [_init_v(ini, j) for j in range(len(col_scales))]
+        for k in ("V", "values", "masks"):  # the dense V's above are the only copy kept
+            ini.pop(k, None)
         if cfg.pruning == "nm":
-            masks = [nm_mask(s, *cfg.nm) for s in scores]
+            masks = [nm_mask(_masked_score(v, c, st), *cfg.nm) for (v, st), c in zip(vs, col_scales)]
         elif cfg.steps > 0:
-            start_keep = min(sum(v.numel() for v in ini["V"]),
+            start_keep = min(sum(v.numel() for v, _ in vs),
                              int(round(p.nnz * (1 - cfg.initial_sparsity) / max(1 - cfg.sparsity, 1e-9))))
-            masks = magnitude_masks(scores, start_keep)
+            masks = magnitude_masks([_masked_score(v, c, st) for (v, st), c in zip(vs, col_scales)], start_keep)
         else:
-            masks = [th.mask(offs[p.index] + j, score_of(v, c)) for j, (v, c) in enumerate(zip(ini["V"], ini["col_scale"]))]
-        del scores
+            masks = [th.mask(offs[p.index] + j, _masked_score(v, c, st)) for j, ((v, st), c) in
+                     enumerate(zip(vs, col_scales))]
+        vs = [v for v, _ in vs]  # the stored-entries masks are done with
         info: dict = {}
         originals = {path: get_submodule(sk.model, path) for path, _ in p.linears}
         biases = [None] * len(p.linears)
@@ -592,16 +746,16 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
             got = sk.weights.read([n for n in bias_names if sk.weights.has(n)])
             biases = [got.get(n) for n in bias_names]
         basis = SharedBasis(ini["U"].to(device))
+        del ini
         mods = []
         for j, ((path, orient), msk) in enumerate(zip(p.linears, masks)):
-            V = ini["V"][j]
-            ini["V"][j] = None
+            V = vs[j]
+            vs[j] = None
             mod = FipsLinear(basis, V.to(device), msk.to(device), orient, None if biases[j] is None else biases[j].to(device))
             del V
             set_submodule(sk.model, path, mod)
             mods.append(mod)
-        col_scales = ini["col_scale"]
-        del ini, masks
+        del vs, masks
         if needs_io:
             X, Y = _take_io(io, p.layers)
             t1 = time.time()
@@ -623,6 +777,7 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
             set_submodule(sk.model, path, originals[path])
         del mods, basis
         _save(packed, f)
+        init_file.unlink(missing_ok=True)  # the packed group supersedes its init (resume reads the group)
         infos[p.index] = info
         if progress:
             log(f"group {p.index} (layers {p.layers[0]}-{p.layers[-1]}, rank {p.rank}): "

@@ -38,12 +38,14 @@ def _tensors(path):
     return torch.load(str(path), map_location="cpu", weights_only=True)["tensors"]
 
 
-def test_two_ranks_equal_one_rank(folder, tmp_path):
-    one = subprocess.run([sys.executable, "-m", "fips_rt.cli", "compress", str(folder), "--onload", "on", *ARGS,
+@pytest.mark.parametrize("steps", ["3", "0"])  # 0: the inits wait compact, bounded per rank
+def test_two_ranks_equal_one_rank(folder, tmp_path, steps):
+    args = [a if a != "3" else steps for a in ARGS]
+    one = subprocess.run([sys.executable, "-m", "fips_rt.cli", "compress", str(folder), "--onload", "on", *args,
                           "--out", str(tmp_path / "one.pt")], env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_port()), "-m", "fips_rt.cli", "compress", str(folder), *ARGS,
+                          "--master-port", str(_port()), "-m", "fips_rt.cli", "compress", str(folder), *args,
                           "--out", str(tmp_path / "two.pt")], env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "rank 1/2: groups sent to rank 0" in two.stderr

@@ -148,12 +148,22 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         compress_(lm, cfg, calib, state_dir=state, log=lambda *a: None)
     assert (state / "group_000.pt").is_file() and not (state / "group_001.pt").exists()
+    saved = torch.load(str(state / "group_000.pt"), weights_only=True)  # compact: kept values + packed mask
+    assert "V0" not in saved["tensors"] and saved["tensors"]["mask0"].dtype == torch.uint8
+    r, c = saved["shapes"][0]
+    assert saved["tensors"]["values0"].numel() < r * c and saved["tensors"]["mask0"].numel() == (r * c + 7) // 8
+    assert not list(state.glob(".*.tmp"))
     monkeypatch.setattr(F, "train_group_local", real)
     lm = tiny_model("llama", layers=6)
     rep = compress_(lm, cfg, calib, state_dir=state, resume=True, log=lambda *a: None)
     assert rep.details["groups"][0].get("resumed") is True and not rep.details["groups"][1].get("resumed")
     for (pa, a), (pb, b) in zip(ref.model.named_parameters(), lm.model.named_parameters()):
         assert pa == pb and torch.allclose(a, b, atol=1e-6), pa
+    resumed = [m for n, m in lm.model.named_modules() if n.startswith(("model.layers.0.", "model.layers.1."))
+               and hasattr(m, "mask")]
+    for i, m in enumerate(resumed):  # group 0 came back from its compact state unchanged
+        vals = saved["tensors"][f"values{i}"]
+        assert torch.equal(m.V.detach(), vals.new_zeros(m.V.shape).masked_scatter_(m.mask, vals))
     # settings changed -> refuse to resume
     with pytest.raises(FipsError):
         compress_(tiny_model("llama", layers=6), FipsConfig(mlp_budget=0.4, group_size=2, sparsity=0.5, steps=15),

@@ -114,3 +114,115 @@ def test_mismatched_shapes_are_refused(folder, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FipsError, match="has shape"):
         _streamed(bad, FipsConfig(**CFG), tmp_path / "b.pt")
+
+
+INIT_ONLY = {"mlp_budget": 0.5, "group_size": 2, "sparsity": 0.75, "steps": 0, "refit": "after"}
+
+
+def test_compact_state_resume_gives_the_same_checkpoint(folder, tmp_path, monkeypatch):
+    """Without local steps each group's init waits for the allocation compact (kept-candidate values +
+    packed bitmask); a finished group's init is deleted; resuming from that state (killed in the init
+    phase, or in the local phase) gives the uninterrupted run's tensors, which are the in-memory engine's."""
+    import fips_rt.streamed as S
+    from fips_rt.cli import run_compress
+    cfg = FipsConfig(**INIT_ONLY)
+    _streamed(folder, cfg, tmp_path / "ref.pt")
+    run_compress(str(folder), cfg, tmp_path / "m.pt", calib_tokens=512, seq_len=128, progress=False)
+    ref = _tensors(tmp_path / "ref.pt")
+    m = _tensors(tmp_path / "m.pt")
+    assert set(ref) == set(m) and all(torch.equal(ref[k], m[k]) for k in ref)
+
+    real_pack, real_init = S._pack_group, S.init_group
+    calls = []
+
+    def dying_pack(*a, **k):
+        if calls:
+            raise KeyboardInterrupt  # killed while group 1 is refitted
+        calls.append(1)
+        return real_pack(*a, **k)
+    monkeypatch.setattr(S, "_pack_group", dying_pack)
+    with pytest.raises(KeyboardInterrupt):
+        _streamed(folder, cfg, tmp_path / "r.pt")
+    st = tmp_path / "r.pt.state"
+    assert (st / "group_000.pt").is_file() and not (st / "init_000.pt").exists()  # the group supersedes its init
+    assert (st / "threshold.json").is_file()
+    ini = torch.load(str(st / "init_001.pt"), weights_only=True)
+    assert "V" not in ini and ini["values"] and ini["masks"][0].dtype == torch.uint8  # compact
+    dense_bytes = sum(s[0] * s[1] * 4 for s in ini["shapes"])
+    assert sum(v.numel() * 4 + m.numel() for v, m in zip(ini["values"], ini["masks"])) < dense_bytes
+    assert not list(st.glob(".*.tmp"))
+    monkeypatch.setattr(S, "_pack_group", real_pack)
+    _streamed(folder, cfg, tmp_path / "r.pt", resume=True)
+    got = _tensors(tmp_path / "r.pt")
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert not st.exists()  # removed once the checkpoint is written
+
+    n = []
+
+    def dying_init(*a, **k):
+        if n:
+            raise KeyboardInterrupt  # killed during the second group's init
+        n.append(1)
+        return real_init(*a, **k)
+    monkeypatch.setattr(S, "init_group", dying_init)
+    with pytest.raises(KeyboardInterrupt):
+        _streamed(folder, cfg, tmp_path / "i.pt")
+    assert (tmp_path / "i.pt.state" / "init_000.pt").is_file()
+    monkeypatch.setattr(S, "init_group", real_init)
+    _streamed(folder, cfg, tmp_path / "i.pt", resume=True, keep_state=True)
+    got = _tensors(tmp_path / "i.pt")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    kept = tmp_path / "i.pt.state"  # --keep-state: the finished groups stay, the inits are gone
+    assert sorted(f.name for f in kept.glob("*.pt")) == ["group_000.pt", "group_001.pt"]
+
+
+def test_refused_up_front_when_disk_cannot_fit(folder, tmp_path, monkeypatch):
+    import fips_rt.streamed as S
+    from fips_rt.cli import run_compress
+    monkeypatch.setattr(S, "disk_free", lambda path: 1 << 20)
+    with pytest.raises(FipsError, match=r"needs about .* of disk \(state folder: .*checkpoint .*\) but only "
+                                        r"0.00 GiB is free"):
+        _streamed(folder, FipsConfig(**INIT_ONLY), tmp_path / "d.pt")
+    assert not (tmp_path / "d.pt").exists() and not (tmp_path / "d.pt.state").exists()
+    with pytest.raises(FipsError, match=r"needs about .* of disk .* but only 0.00 GiB is free"):  # in memory too
+        run_compress(str(folder), FipsConfig(**INIT_ONLY), tmp_path / "d.pt", calib_tokens=512, seq_len=128,
+                     progress=False)
+    assert not (tmp_path / "d.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["oserror", "zipwriter"])
+def test_full_disk_is_one_error_line(folder, tmp_path, monkeypatch, capsys, kind):
+    """ENOSPC in the middle of the run (here: writing the second group's init) is one error line and a
+    non-zero exit, no traceback; the half-written temporary is removed, the finished state stays."""
+    import errno
+
+    import fips_rt.streamed as S
+    from fips_rt.cli import _run, cli
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **k):
+        calls.append(str(f))
+        if len(calls) == 2:
+            with open(f, "wb") as h:
+                h.write(b"partial")
+            if kind == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1856568832 vs 1856568720")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(S.torch, "save", full)
+    out = tmp_path / "f.pt"
+    with pytest.raises(SystemExit) as e:
+        _run(cli, ["compress", str(folder), "--onload", "on", "--mlp-budget", "0.5", "--group-size", "2", "--steps",
+                   "0", "--calib-tokens", "512", "--seq-len", "128", "--quiet", "--out", str(out)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert "Traceback" not in err and len(errors) == 1 and err.strip().endswith(errors[0])
+    assert errors[0].startswith("error: the disk filled up while writing to") and "--resume" in errors[0]
+    st = tmp_path / "f.pt.state"
+    assert (st / "init_000.pt").is_file() and not list(st.glob(".*.tmp")) and not out.exists()
+    monkeypatch.setattr(S.torch, "save", real)  # space freed: the run resumes
+    with pytest.raises(SystemExit) as e:
+        _run(cli, ["compress", str(folder), "--onload", "on", "--mlp-budget", "0.5", "--group-size", "2", "--steps",
+                   "0", "--calib-tokens", "512", "--seq-len", "128", "--quiet", "--resume", "--out", str(out)])
+    assert e.value.code == 0 and out.is_file()
