@@ -21,6 +21,18 @@ def _tensors(path):
     return torch.load(str(path), map_location="cpu", weights_only=True)["tensors"]
 
 
+def _dies_on_second_call(fn):
+    """``fn`` wrapped to raise KeyboardInterrupt (a killed run) from its second call on."""
+    calls = []
+
+    def wrapped(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return fn(*a, **k)
+    return wrapped
+
+
 def _streamed(folder, cfg, out, **kw):
     from fips_rt.cli import run_compress_streamed
     return run_compress_streamed(str(folder), cfg, out, calib_tokens=512, seq_len=128, progress=False, **kw)
@@ -65,14 +77,8 @@ def test_streamed_resume_after_interruption(folder, tmp_path, monkeypatch):
     import fips_rt.streamed as S
     cfg = FipsConfig(**CFG)
     _streamed(folder, cfg, tmp_path / "ref.pt")
-    real, calls = S._pack_group, []
-
-    def dying(*a, **k):
-        if calls:
-            raise KeyboardInterrupt  # killed while group 1 trains
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(S, "_pack_group", dying)
+    real = S._pack_group
+    monkeypatch.setattr(S, "_pack_group", _dies_on_second_call(real))  # killed while group 1 trains
     with pytest.raises(KeyboardInterrupt):
         _streamed(folder, cfg, tmp_path / "r.pt")
     assert (tmp_path / "r.pt.state" / "group_000.pt").is_file()
@@ -133,14 +139,7 @@ def test_compact_state_resume_gives_the_same_checkpoint(folder, tmp_path, monkey
     assert set(ref) == set(m) and all(torch.equal(ref[k], m[k]) for k in ref)
 
     real_pack, real_init = S._pack_group, S.init_group
-    calls = []
-
-    def dying_pack(*a, **k):
-        if calls:
-            raise KeyboardInterrupt  # killed while group 1 is refitted
-        calls.append(1)
-        return real_pack(*a, **k)
-    monkeypatch.setattr(S, "_pack_group", dying_pack)
+    monkeypatch.setattr(S, "_pack_group", _dies_on_second_call(real_pack))  # killed while group 1 is refitted
     with pytest.raises(KeyboardInterrupt):
         _streamed(folder, cfg, tmp_path / "r.pt")
     st = tmp_path / "r.pt.state"
@@ -157,14 +156,7 @@ def test_compact_state_resume_gives_the_same_checkpoint(folder, tmp_path, monkey
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     assert not st.exists()  # removed once the checkpoint is written
 
-    n = []
-
-    def dying_init(*a, **k):
-        if n:
-            raise KeyboardInterrupt  # killed during the second group's init
-        n.append(1)
-        return real_init(*a, **k)
-    monkeypatch.setattr(S, "init_group", dying_init)
+    monkeypatch.setattr(S, "init_group", _dies_on_second_call(real_init))  # killed during the second group's init
     with pytest.raises(KeyboardInterrupt):
         _streamed(folder, cfg, tmp_path / "i.pt")
     assert (tmp_path / "i.pt.state" / "init_000.pt").is_file()
