@@ -53,6 +53,11 @@ ROWS: dict[str, dict] = {
     "r576-refit-init-r0": dict(steps=0, sparsity=0.5315, refit="after", refit_ridge=0.0, refit_rounds=1),
     "r576-refit-init-r1": dict(steps=0, sparsity=0.5315, refit="after", refit_ridge=1.0, refit_rounds=1),
     "r576-refit-init-x2": dict(steps=0, sparsity=0.5315, refit="after", refit_rounds=2),
+    # second-order selection: down_proj's entries ranked by OBS saliency (full input covariance)
+    "r576-refit-init-x2-obs": dict(steps=0, sparsity=0.5315, refit="after", refit_rounds=2, selection="obs"),
+    "r576-init-obs": dict(steps=0, sparsity=0.5315, selection="obs"),
+    # fewer V positions (rank 384 < d, V 72% dense): the sparse kernel's decode cost follows positions
+    "r384-refit-init-x2-obs": dict(steps=0, sparsity=0.2813, refit="after", refit_rounds=2, selection="obs"),
     "r576": dict(sparsity=0.5315),
     "r576+refit-after": dict(sparsity=0.5315, refit="after"),
     "r576+seq+refit-after": dict(sparsity=0.5315, sequential=True, refit="after"),
@@ -74,6 +79,8 @@ ROWS.update({
     "x2+kl60-lr1e-4": dict(DEMO_RECIPE, global_steps=60, global_lr=1e-4, global_batch=1),
     "x2+kl100-lr1e-4": dict(DEMO_RECIPE, global_steps=100, global_lr=1e-4, global_batch=1),
     "x2+kl60-lr1e-4-seq256": dict(DEMO_RECIPE, global_steps=60, global_lr=1e-4, global_batch=1, global_seq_len=256),
+    # the demo since session 6: OBS selection + the refit + 60 global steps
+    "x2-obs+kl60-lr1e-4": dict(DEMO_RECIPE, selection="obs", global_steps=60, global_lr=1e-4, global_batch=1),
 })
 
 

@@ -86,8 +86,11 @@ def _check_output(out: Path, inputs: list[Path]) -> None:
         raise FipsError(f"Output {out} is a folder; give a file name ending in .onnx.")
     if out.suffix != ".onnx":
         raise FipsError(f"The output must be an .onnx file (got {out.name}).")
-    if not out.parent.is_dir():
-        raise FipsError(f"Output folder {out.parent} does not exist.")
+    for parent in (out.parent, *out.parent.parents):  # a missing folder is created (after the checks)
+        if parent.exists():
+            if not parent.is_dir():
+                raise FipsError(f"Cannot create the output folder {out.parent}: {parent} is a file.")
+            break
 
 
 # ---------------------------------------------------------------------- sidecars
@@ -268,6 +271,10 @@ def export(model, output_path: str | os.PathLike, *, dtype: str | None = None, o
     out = Path(output_path)
     _check_output(out, _input_paths(model, checkpoint))
     lm = _load(model, checkpoint)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FipsError(f"Cannot create the output folder {out.parent}: {e.strerror or e}.") from None
     from .configs import config_for
     cfg_cls = config_for(lm)
     if basis_weights is None:

@@ -29,9 +29,10 @@ from . import capture
 from .capture import teacher_io
 from .decompose import left_singular_vectors, normalized_cov, whitening_factor
 from .errors import FipsError
-from .fips import GroupPlan, fit_mlps_local, install_group, loss_summary
+from .fips import GroupPlan, fit_mlps_local, install_group
 from .modules import FipsLinear
 from .sparse_format import mask_nbytes
+from .train import loss_summary
 
 
 @dataclass

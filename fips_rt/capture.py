@@ -80,9 +80,11 @@ def _tokens_mask(batch: dict) -> torch.Tensor | None:
     return None if m is None else m.reshape(-1).bool()
 
 
-def _statistics_hooks(model, adapter: Adapter, layers, tokens: Tokens, stats: dict, layer_ids=None) -> list:
-    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input.
-    ``layer_ids``: only these layers (default all)."""
+def _statistics_hooks(model, adapter: Adapter, layers, tokens: Tokens, stats: dict, layer_ids=None,
+                      full_out: bool = False) -> list:
+    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input
+    (``"h2"``) and with ``full_out`` also its whole second moment H^T H (``"hth"``, d_ff x d_ff, float64:
+    FipsConfig.selection="obs"). ``layer_ids``: only these layers (default all)."""
     handles = []
     for li, lin in enumerate(layers):
         if layer_ids is not None and li not in layer_ids:
@@ -102,6 +104,10 @@ def _statistics_hooks(model, adapter: Adapter, layers, tokens: Tokens, stats: di
                 s = stats[li]["h2"].setdefault(path, [0.0, 0])
                 s[0] = s[0] + h.pow(2).sum(0).double().cpu()
                 s[1] += h.shape[0]
+                if full_out:
+                    f = stats[li].setdefault("hth", {}).setdefault(path, [0.0, 0])
+                    f[0] = f[0] + (h.T @ h).double().cpu()
+                    f[1] += h.shape[0]
             handles.append(get_submodule(model, path).register_forward_pre_hook(pre_out))
     return handles
 
@@ -155,10 +161,13 @@ def linear_input_covariances(model, adapter: Adapter, paths_by_layer: dict[int, 
     return out
 
 
-def input_statistics(model, adapter: Adapter, layers: list[list[tuple[str, str]]], batches, progress=False):
-    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input."""
+def input_statistics(model, adapter: Adapter, layers: list[list[tuple[str, str]]], batches, progress=False,
+                     full_out: bool = False):
+    """Per layer: X^T X of the MLP input (d x d) and token count; per "out" linear: E[h^2] of its input
+    (and with ``full_out`` its H^T H; see _statistics_hooks)."""
     stats, tokens = {}, Tokens()
-    forward_batches(model, adapter, batches, tokens, _statistics_hooks(model, adapter, layers, tokens, stats),
+    forward_batches(model, adapter, batches, tokens,
+                    _statistics_hooks(model, adapter, layers, tokens, stats, full_out=full_out),
                     stop_layer=len(layers) - 1, desc="calibration statistics", progress=progress)
     return stats
 

@@ -132,6 +132,36 @@ def _dense_for(header: dict, dense: str | None):
 
 
 # ----------------------------------------------------------------------------- compress
+# compress options that only one method reads (parameter names); the other method refuses them when set
+METHOD_ONLY_OPTIONS = {
+    "fips": ("group_size", "groups", "sparsity", "init", "selection", "pruning", "nm", "batch_tokens", "global_steps", "global_lr",
+             "global_batch", "global_seq_len", "global_norms", "sequential", "refit", "refit_rounds", "refit_u",
+             "refit_ridge", "refit_iters", "refit_target", "onload", "activation_memory_gb", "distributed",
+             "dist_timeout"),
+    "deltallm": ("delta_rank", "layout", "keep_first", "keep_last"),
+}
+METHOD_NAMES = {"fips": "FiPS", "deltallm": "DeltaLLM"}
+SHARED_OPTIONS = ("model", "method", "mlp_budget", "model_budget", "calib", "images", "calib_tokens", "seq_len", "steps",
+                  "lr", "eval_tokens", "device", "checkpoint", "out", "resume", "keep_state", "seed", "quiet")
+
+
+def _refuse_other_methods_options(ctx: click.Context | None, method: str) -> None:
+    """One line naming the options of the other method that were set explicitly (defaults pass)."""
+    if ctx is None:
+        return
+    from click.core import ParameterSource
+    params = {p.name: p for p in ctx.command.params}
+    for other, names in METHOD_ONLY_OPTIONS.items():
+        if other == method:
+            continue
+        given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT,
+                                                                         ParameterSource.DEFAULT_MAP)]
+        if given:
+            flags = ", ".join("/".join(params[n].opts + params[n].secondary_opts) for n in given)
+            raise FipsError(f"{flags}: {METHOD_NAMES[other]}-only option{'s' if len(given) > 1 else ''}, not used by "
+                            f"--method {method} (drop {'them' if len(given) > 1 else 'it'}, or use --method {other}).")
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--method", type=click.Choice(["fips", "deltallm"]), default="fips", show_default=True)
@@ -144,9 +174,14 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--groups", default=None, help="FiPS: explicit groups, e.g. '0,1,2,3;4,5'.")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=0.75, show_default=True,
               help="FiPS: final fraction of zeros in V.")
-@click.option("--init", "init", type=click.Choice(["whitened", "svd"]), default="whitened", show_default=True)
-@click.option("--pruning", type=click.Choice(["gmp", "rigl", "nm"]), default="gmp", show_default=True)
-@click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --pruning nm.")
+@click.option("--init", "init", type=click.Choice(["whitened", "svd"]), default="whitened", show_default=True,
+              help="FiPS: shared init of U and V.")
+@click.option("--selection", type=click.Choice(["magnitude", "obs"]), default=None,
+              help="FiPS: which V entries are kept at init: 'magnitude' in the whitened space, or 'obs' (down_proj "
+                   "ranked by second-order saliency from its input's full covariance). Default: FipsConfig's.")
+@click.option("--pruning", type=click.Choice(["gmp", "rigl", "nm"]), default="gmp", show_default=True,
+              help="FiPS: V mask schedule of the local steps.")
+@click.option("--nm", default="2:4", show_default=True, help="FiPS: N:M pattern for --pruning nm.")
 @click.option("--calib", default="wiki", show_default=True, help="'wiki' or a .txt/.jsonl file.")
 @click.option("--images", default=None, type=click.Path(file_okay=False), help="ViTs: calibration image folder.")
 @click.option("--calib-tokens", type=click.IntRange(min=16), default=16384, show_default=True)
@@ -154,10 +189,11 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
               help="FiPS: local steps per group; DeltaLLM: distillation steps.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="FiPS: tokens per local step.")
 @click.option("--global-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="FiPS: distillation steps after local training (KL on logits / MSE on outputs).")
-@click.option("--global-lr", type=float, default=1e-4, show_default=True)
+@click.option("--global-lr", type=float, default=1e-4, show_default=True, help="FiPS: distillation learning rate.")
 @click.option("--global-batch", type=click.IntRange(min=0), default=None,
               help="FiPS: calibration rows per distillation step (default 2; 0: a whole calibration batch).")
 @click.option("--global-seq-len", type=click.IntRange(min=0), default=None,
@@ -165,9 +201,12 @@ def _dense_for(header: dict, dense: str | None):
 @click.option("--global-norms/--no-global-norms", default=None,
               help="FiPS: distillation also trains the norm weights (default: U, V, MLP biases only).")
 @click.option("--delta-rank", type=click.IntRange(min=1), default=None, help="DeltaLLM: rank (default: from budget).")
-@click.option("--layout", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
-@click.option("--keep-first", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--keep-last", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--layout", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True,
+              help="DeltaLLM: anchor first in its unit, or in the middle.")
+@click.option("--keep-first", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DeltaLLM: first blocks left unshared.")
+@click.option("--keep-last", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DeltaLLM: last blocks left unshared.")
 @click.option("--sequential/--teacher-forcing", default=None,
               help="FiPS: fit each group on inputs from the groups compressed before it (targets stay dense).")
 @click.option("--refit", type=click.Choice(["none", "before", "after", "both"]), default=None,
@@ -199,8 +238,8 @@ def _dense_for(header: dict, dense: str | None):
               help="FiPS: spread the groups over the ranks of torchrun (gloo on CPU, nccl on GPUs); implied when "
                    "WORLD_SIZE is set.")
 @click.option("--dist-timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
-              help="Seconds a rank waits for the others before the run fails.")
-def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsity, init, pruning, nm, calib, images,
+              help="FiPS: seconds a rank waits for the others before the run fails.")
+def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsity, init, selection, pruning, nm, calib, images,
              calib_tokens, seq_len, steps, lr, batch_tokens, global_steps, global_lr, delta_rank, layout, keep_first,
              keep_last, global_batch, sequential, refit, refit_rounds, refit_u, refit_ridge, refit_iters, refit_target,
              eval_tokens, device, checkpoint, out, resume, seed, quiet, global_seq_len=None, global_norms=None,
@@ -208,8 +247,10 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
     """Compress MODEL and write a checkpoint.
 
     MODEL: a built-in name (smollm2-135m, minilm-l6), a local Hugging Face folder, a .gguf file, or
-    timm:NAME (with --checkpoint)."""
+    timm:NAME (with --checkpoint). Options marked FiPS: or DeltaLLM: belong to that method; the other
+    method refuses them."""
     from .config import DeltaConfig, FipsConfig
+    _refuse_other_methods_options(click.get_current_context(silent=True), method)
     out_p = Path(out)
     if out_p.suffix != ".pt":
         raise FipsError(f"--out must name a .pt file (got {out}).")
@@ -243,7 +284,7 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
                              sequential=sequential, refit=refit,
                              refit_rounds=refit_rounds, refit_u=refit_u,
                              refit_ridge=refit_ridge, refit_iters=refit_iters, refit_target=refit_target,
-                             activation_memory_gb=activation_memory_gb).items()
+                             selection=selection, activation_memory_gb=activation_memory_gb).items()
                              if v is not None})
     else:
         cfg = DeltaConfig(model_budget=model_budget if (mlp_budget or model_budget) else 0.88, mlp_budget=mlp_budget,
@@ -666,9 +707,10 @@ def _onnx_info(path: str, as_json: bool) -> None:
 # ----------------------------------------------------------------------------- demo
 DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.5315, calib_tokens=16384, seq_len=512,
             steps=0, lr=1e-3, refit="after", eval_tokens=8192, eval_ood="wordnet",
-            global_steps=60, global_lr=1e-4, global_batch=1)
+            global_steps=60, global_lr=1e-4, global_batch=1, selection="obs")
 # sparsity 0.5315 at MLP budget 0.5 gives rank 576 = d for the groups of 4 (U square: no zero basis columns
-# at init) and 542 for the last group of 2; then closed-form refits of V and U in the whitened space
+# at init) and 542 for the last group of 2; V's kept entries chosen by second-order saliency (selection="obs":
+# down_proj weighted by its input's full covariance; validation 2.49x -> 2.06x after the refits); then closed-form refits of V and U in the whitened space
 # (FipsConfig's default 2 rounds) instead of AdamW steps; then 60 steps of global distillation (KL to the
 # dense logits, one 512-token wiki-train row per step, lr 1e-4: validation 2.49x -> 1.90x). Measured choice: docs/quality.md, benchmarks/results/quality_ablation_cpu.md.
 
@@ -685,13 +727,13 @@ DEMO = dict(model="smollm2-135m", mlp_budget=0.5, group_size=4, sparsity=0.5315,
               show_default=True, help="AdamW learning rate of the global distillation (warm-up, then cosine).")
 @click.option("--device", default="auto", show_default=True)
 def demo(out, steps, eval_tokens, global_steps, global_lr, device):
-    """Compress the real SmolLM2-135M (MLP budget 0.5, groups of 4, rank 576, V 53% sparse, whitened init +
-    closed-form refits + 60 steps of global distillation to the dense model) on wiki-train text, then compare dense vs FiPS perplexity on the held-out wiki test articles and on out-of-domain
+    """Compress the real SmolLM2-135M (MLP budget 0.5, groups of 4, rank 576, V 53% sparse, whitened init,
+    second-order selection of V's entries, closed-form refits + 60 steps of global distillation to the dense model) on wiki-train text, then compare dense vs FiPS perplexity on the held-out wiki test articles and on out-of-domain
     English (WordNet glosses shipped with timm, test half), 16 windows of 512 tokens each."""
     from .config import FipsConfig
     cfg = FipsConfig(mlp_budget=DEMO["mlp_budget"], group_size=DEMO["group_size"], sparsity=DEMO["sparsity"],
                      steps=steps, lr=DEMO["lr"], refit=DEMO["refit"], global_steps=global_steps,
-                     global_lr=global_lr, global_batch=DEMO["global_batch"])
+                     global_lr=global_lr, global_batch=DEMO["global_batch"], selection=DEMO["selection"])
     summary = run_compress(DEMO["model"], cfg, Path(out), calib_tokens=DEMO["calib_tokens"], seq_len=DEMO["seq_len"],
                            eval_tokens=eval_tokens, eval_split="test", device=device, eval_ood=DEMO["eval_ood"])
     summary_path = Path(out).with_suffix(".json")

@@ -10,6 +10,7 @@ from .errors import FipsError
 
 PRUNING = ("gmp", "rigl", "nm")
 INITS = ("whitened", "svd")
+SELECTIONS = ("magnitude", "obs")
 REFITS = ("none", "before", "after", "both")
 
 
@@ -63,6 +64,10 @@ class FipsConfig(_DictRoundTrip):
     ridge: float = 1e-2  # ridge added to the normalized covariance before Cholesky
     overcomplete_tau: float = 32.0  # r > rank: extra V rows are copies of the top rows / tau
     pruning: str = "gmp"  # "gmp" (cubic schedule), "rigl" (drop / regrow), "nm" (N:M)
+    # which V entries are kept: "magnitude" in the whitened space (down_proj: times sqrt E[h^2]), or "obs":
+    # down_proj's d_ff side weighted by 1 / [C^-1]_cc of its input's full covariance (second-order saliency
+    # with the re-solve the refit does; gate/up are already exact OBS in the whitened space)
+    selection: str = "magnitude"
     nm: tuple[int, int] = (2, 4)
     initial_sparsity: float = 0.5  # V is pruned to this at init when training follows (GMP start)
     gmp_end: float = 0.75  # fraction of the local steps at which the final sparsity is reached
@@ -99,6 +104,10 @@ class FipsConfig(_DictRoundTrip):
             raise FipsError(f"sparsity must lie in [0, 1) (got {self.sparsity}).")
         if self.init not in INITS:
             raise FipsError(f"init must be one of {', '.join(INITS)} (got {self.init!r}).")
+        if self.selection not in SELECTIONS:
+            raise FipsError(f"selection must be one of {', '.join(SELECTIONS)} (got {self.selection!r}).")
+        if self.selection == "obs" and self.init != "whitened":
+            raise FipsError("selection 'obs' needs the whitened init (its saliency is defined in the whitened space).")
         if self.pruning not in PRUNING:
             raise FipsError(f"pruning must be one of {', '.join(PRUNING)} (got {self.pruning!r}).")
         if self.pruning == "nm":

@@ -39,6 +39,27 @@ def diag_scale(second_moment: torch.Tensor) -> torch.Tensor:
     return (s / rms).clamp_min(1e-6)
 
 
+def obs_saliency(v: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Optimal-brain-surgeon saliency of each entry of v under f(w) = (w - v)^T C (w - v): the least increase
+    of f when entry j is forced to 0 and every other entry is re-solved, v_j^2 / [C^-1]_jj (float64).
+    Magnitude with a diagonal weighting, v_j^2 C_jj, is the same without the re-solve (exact when C is
+    diagonal)."""
+    cinv = torch.linalg.inv(C.double())
+    return v.double().pow(2) / torch.diagonal(cinv)
+
+
+def obs_scale(h_t_h: torch.Tensor, n: int, ridge: float = 1e-2) -> torch.Tensor:
+    """The d_ff-side pruning weights of a d_ff -> d linear from the full second moment of its input:
+    sqrt(1 / [C^-1]_cc) with C = normalized_cov(H^T H, n) + ridge I, normalized to unit RMS like
+    diag_scale (which is sqrt(C_cc)), so |V| * scale ranks entries by their OBS saliency (obs_saliency)
+    within a row while the overall scale against the other linears of the group stays diag_scale's."""
+    c = normalized_cov(h_t_h, n)
+    c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    s = torch.diagonal(torch.linalg.inv(c)).clamp_min(1e-30).reciprocal().sqrt()
+    rms = s.pow(2).mean().sqrt().clamp_min(1e-30)
+    return (s / rms).clamp_min(1e-6)
+
+
 def left_singular_vectors(M: torch.Tensor) -> torch.Tensor:
     """Left singular vectors of a wide matrix, by decreasing singular value (float64).
 

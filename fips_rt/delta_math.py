@@ -7,7 +7,6 @@ triangular) with S S^T = E[x x^T] (normalized, plus a ridge) of the *follower's*
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -256,7 +255,8 @@ def lowrank_delta(delta: torch.Tensor, rank: int, factor: torch.Tensor | None = 
     return A.float(), B.float()
 
 
-# --------------------------------------------------------------------------- training schedules and loss
+# --------------------------------------------------------------------------- replacement schedule and losses
+# (the learning-rate schedule of every training loop: fips_rt.train.lr_factor)
 def replacement_probability(step: int, steps: int, start: float, end: float) -> float:
     """Progressive module replacement: probability that a compressed block is used at ``step``.
 
@@ -265,14 +265,6 @@ def replacement_probability(step: int, steps: int, start: float, end: float) -> 
         return 1.0
     t = step / (end * steps)
     return float(min(1.0, start + (1.0 - start) * max(0.0, t)))
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 0 at ``steps``."""
-    if steps <= 0:
-        return 1.0
-    w = min(1.0, (step + 1) / max(1, warmup))
-    return w * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """DeltaLLM orchestration: plan -> input statistics -> delta init -> distillation with progressive replacement.
 
-The math (sharing plans, rank solver, weighted low-rank init, schedules, losses) lives in delta_math.py;
-this module wires hooks, modules and the training loop. ``distill_train`` is shared with the block-drop
-baseline (blockdrop.heal_) so both are trained with the same loss and budget.
+The math (sharing plans, rank solver, weighted low-rank init, replacement schedule, losses) lives in
+delta_math.py, the training loop and its lr schedule in train.py; this module wires hooks and modules.
+``distill_train`` is shared with the block-drop baseline (blockdrop.heal_) so both are trained with the
+same loss and budget.
 """
 from __future__ import annotations
 
@@ -19,16 +20,12 @@ from .adapters import Adapter, block_paths, get_submodule, set_submodule
 from .capture import hooks_removed, linear_input_covariances
 from .config import DeltaConfig
 from .delta_math import (SharingPlan, candidate_plans, choose_plan, covariance_factor, distill_loss, hidden_mse,
-                         lowrank_delta, lr_factor, replacement_probability, spectrum_pairs,
-                         weighted_spectrum)
+                         lowrank_delta, replacement_probability, spectrum_pairs, weighted_spectrum)
 from .errors import FipsError
 from .modules import DeltaLinear
+from .train import StateFile, loss_summary, train_loop
 
 STATE_FILE = "deltallm_train.pt"
-
-
-def _step_callback(step: int, loss: float) -> None:
-    """Called after every finished training step (tests patch it to simulate an interruption)."""
 
 
 # --------------------------------------------------------------------------- model structure
@@ -185,13 +182,6 @@ def _block_outputs(model, paths: list[str], sink: list):
         yield
 
 
-def _save_train_state(path: Path, step: int, named: dict[str, torch.Tensor], opt, losses: list[float], meta: dict):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "params": {k: v.detach().cpu() for k, v in named.items()},
-                "opt": opt.state_dict(), "losses": list(losses), "meta": meta}, tmp)
-    tmp.replace(path)
-
-
 def distill_train(model, teacher, kind: str, named_params: dict[str, nn.Parameter], batches: list[dict], *,
                   steps: int, lr: float, warmup: int = 10, batch_rows: int = 2, seed: int = 0,
                   device: torch.device, switch: ProgressiveSwitch | None = None, replace=(1.0, 0.0),
@@ -199,75 +189,52 @@ def distill_train(model, teacher, kind: str, named_params: dict[str, nn.Paramete
                   state_file: Path | None = None, save_every: int = 0, resume: bool = False, meta: dict | None = None,
                   progress: bool = False, log=print) -> dict:
     """Distillation to ``teacher``: KL on logits (causal LM) or normalized MSE on outputs, plus an
-    optional hidden-state MSE on block outputs. AdamW on ``named_params`` only; warm-up + cosine lr.
+    optional hidden-state MSE on block outputs. AdamW on ``named_params`` only, by
+    ``fips_rt.train.train_loop``: linear warm-up over ``warmup`` steps, then cosine decay.
 
     Every step draws its rows (and its replacement coin flips) from a generator seeded by (seed, step),
     so a run resumed from a saved step continues exactly as the uninterrupted run would."""
-    from tqdm.auto import tqdm
     from .evaluate import forward
-    params = list(named_params.values())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    start, losses, meta = 0, [], dict(meta or {})
-    if resume and state_file is not None and state_file.is_file():
-        st = torch.load(str(state_file), map_location="cpu", weights_only=True)
-        if st.get("meta") != json.loads(json.dumps(meta)) or set(st["params"]) != set(named_params):
-            raise FipsError(f"--resume: {state_file} was made with other settings; use a new --state-dir.")
-        with torch.no_grad():
-            for k, p in named_params.items():
-                p.copy_(st["params"][k].to(p.device))
-        opt.load_state_dict(st["opt"])
-        start, losses = int(st["step"]), list(st["losses"])
-        log(f"resumed training at step {start} of {steps} from {state_file}")
     pool = _row_pool(batches)
     use_amp = device.type == "cuda"
     n_blocks = len(switch.slots) if switch is not None else 0
+    want_hidden = hidden_weight > 0 and block_paths_
+
+    def loss(step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
+        if pool is not None:
+            idx = torch.randperm(pool.shape[0], generator=gen)[:batch_rows]
+            b = {"input_ids": pool[idx]}
+        else:
+            b = batches[int(torch.randint(0, len(batches), (1,), generator=gen))]
+        b = {k: v.to(device) for k, v in b.items()}
+        if switch is not None:
+            p = replacement_probability(step, steps, *replace)
+            coins = torch.rand(n_blocks, generator=gen)
+            switch.select({li: bool(c < p) for li, c in zip(sorted(switch.slots), coins)})
+        hs, ht = [], []
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with _block_outputs(teacher, block_paths_ if want_hidden else [], ht):
+                t = forward(teacher, b, kind)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with _block_outputs(model, block_paths_ if want_hidden else [], hs):
+                s = forward(model, b, kind)
+            value = distill_loss(s, t, kind)
+            if want_hidden:
+                value = value + hidden_weight * hidden_mse(hs, ht)
+        return value
+
+    def adamw(ps):
+        return torch.optim.AdamW(ps, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    state = None if state_file is None else StateFile(state_file, named_params, save_every, meta, resume)
     model.train(False)
-    bar = tqdm(range(start, steps), desc="distillation", disable=not progress, leave=False)
     try:
-        for step in bar:
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
-            if pool is not None:
-                idx = torch.randperm(pool.shape[0], generator=gen)[:batch_rows]
-                b = {"input_ids": pool[idx]}
-            else:
-                b = batches[int(torch.randint(0, len(batches), (1,), generator=gen))]
-            b = {k: v.to(device) for k, v in b.items()}
-            if switch is not None:
-                p = replacement_probability(step, steps, *replace)
-                coins = torch.rand(n_blocks, generator=gen)
-                switch.select({li: bool(c < p) for li, c in zip(sorted(switch.slots), coins)})
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(step, steps, warmup)
-            hs, ht = [], []
-            want_hidden = hidden_weight > 0 and block_paths_
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                with _block_outputs(teacher, block_paths_ if want_hidden else [], ht):
-                    t = forward(teacher, b, kind)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                with _block_outputs(model, block_paths_ if want_hidden else [], hs):
-                    s = forward(model, b, kind)
-                loss = distill_loss(s, t, kind)
-                if want_hidden:
-                    loss = loss + hidden_weight * hidden_mse(hs, ht)
-            opt.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # every compressed block drawn dense this step: nothing to train
-                loss.backward()
-                opt.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if state_file is not None and save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
-                _save_train_state(state_file, step + 1, named_params, opt, losses, meta)
-            _step_callback(step, losses[-1])
+        out = train_loop(loss, list(named_params.values()), adamw, steps=steps, warmup=warmup, state=state,
+                         desc="distillation", progress=progress, log=log)
     finally:
         if switch is not None:
             switch.all_compressed()
-        for p in params:
-            p.requires_grad_(False)
-    tail = losses[-10:]
-    return {"steps": steps, "resumed_at": start, "loss_first": losses[0] if losses else None,
-            "loss_last": sum(tail) / len(tail) if tail else None, "losses": losses}
+    return {"steps": steps, "resumed_at": out["resumed_at"], **loss_summary(out["losses"]), "losses": out["losses"]}
 
 
 # --------------------------------------------------------------------------- entry point

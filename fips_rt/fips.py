@@ -1,6 +1,7 @@
 """FiPS orchestration: groups -> statistics -> shared init -> global allocation -> local (+ global) training.
 
-The math lives in budget.py, decompose.py and sparsity.py; this module wires data, hooks and loops.
+The math lives in budget.py, decompose.py and sparsity.py; this module wires data and hooks into the
+training loop of train.py (losses, mask schedules, the parameters each stage trains).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from .adapters import Adapter, get_submodule, linear_paths, set_submodule, stage
 from .budget import check_groups, consecutive_groups, kept_nnz, mlp_budget_from_model_budget, rank_for_budget
 from .capture import count_tokens, input_statistics, io_bytes, mlp_chain, run_chain, teacher_io
 from .config import FipsConfig
-from .decompose import diag_scale, normalized_cov, score_of, shared_svd_init, whitening_factor
+from .decompose import diag_scale, normalized_cov, obs_scale, score_of, shared_svd_init, whitening_factor
 from .errors import FipsError
 from .modules import FipsLinear, SharedBasis
 from .procmem import release_freed_memory
 from .selection import magnitude_masks, select
 from .sparsity import gmp_sparsity, nm_mask, rigl_drop_fraction, rigl_update
+from .train import fips_warmup, loss_summary, train_loop
 
 
 @dataclass
@@ -102,6 +104,18 @@ def group_whitening(plan: GroupPlan, cfg: FipsConfig, stats: dict) -> tuple[torc
     return L, scales
 
 
+def selection_scales(plan: GroupPlan, cfg: FipsConfig, stats: dict, col_scales: list) -> list:
+    """The d_ff-side pruning weights of the group's linears for ``cfg.selection == "obs"``: every d_ff -> d
+    linear's from the full covariance of its input (decompose.obs_scale); the others' unchanged."""
+    per_layer = len(plan.linears) // len(plan.layers)
+    out = list(col_scales)
+    for k, (path, orient) in enumerate(plan.linears):
+        if orient == "out":
+            hth, n = stats[plan.layers[k // per_layer]]["hth"][path]
+            out[k] = obs_scale(hth, n, cfg.ridge).float()
+    return out
+
+
 def init_group(model, plan: GroupPlan, cfg: FipsConfig, stats: dict | None, *, weights=None, whitening=None):
     """The group's shared init from its dense weights (``weights``, oriented d x d_ff; default: read
     from ``model``) and, for the whitened init, ``whitening`` = group_whitening(...) or ``stats``."""
@@ -145,20 +159,21 @@ def install_group(model, plan: GroupPlan, U: torch.Tensor, Vs, masks, device) ->
 
 
 # --------------------------------------------------------------------------- local error minimization
-def masked_step(loss, opt, sched, mods: list[FipsLinear], before_mask=None) -> None:
-    """One optimizer step that keeps every V inside its mask: masked entries get no gradient (so no
-    weight-decay drift either) and are zeroed again after the update. ``before_mask()`` sees the raw
-    gradients (RigL's growth criterion)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if before_mask is not None:
-        before_mask()
-    for m in mods:
-        m.V.grad.mul_(m.mask)
-    opt.step()
-    sched.step()
-    for m in mods:
-        m.apply_mask_()
+def mask_hooks(mods: list[FipsLinear]):
+    """``train_loop``'s (before_update, after_update) that keep every V inside its mask: a masked entry
+    gets no gradient (so no weight-decay drift either) and is zeroed again after the update."""
+    owner = {id(m.V): m for m in mods}
+
+    def before(p):
+        m = owner.get(id(p))
+        if m is not None:
+            p.grad.mul_(m.mask)
+
+    def after(p):
+        m = owner.get(id(p))
+        if m is not None:
+            m.apply_mask_()
+    return before, after
 
 
 def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLinear], X: dict, Y: dict, *,
@@ -166,81 +181,36 @@ def fit_mlps_local(model, adapter: Adapter, layers: list[int], mods: list[FipsLi
                    desc: str, progress: bool = False, after_backward=None, after_step=None, postfix=None) -> list[float]:
     """Teacher-forced local fit of the MLPs of ``layers``, jointly (they may share bases): for each step a
     random batch of the captured inputs ``X[li]``, loss = sum over layers of ||MLP(x) - y||^2 / ||y||^2,
-    AdamW (betas 0.9/0.95) on every basis, V and bias of ``mods``, linear warm-up (steps/20) then cosine
-    decay. V stays inside its mask (masked gradients, re-masked after each step). Hooks for the caller's
-    mask schedule: ``after_backward(step)`` sees the raw gradients, ``after_step(step)`` runs after the
-    update. Returns the loss of every step."""
-    from tqdm.auto import tqdm
+    AdamW (betas 0.9/0.95) on every basis, V and bias of ``mods``, by ``fips_rt.train.train_loop``: linear
+    warm-up (steps/20) then cosine decay. V stays inside its mask (masked gradients, re-masked after each
+    step). Hooks for the caller's mask schedule: ``after_backward(step)`` sees the raw gradients,
+    ``after_step(step)`` runs after the update. Returns the loss of every step."""
     params = list({id(p): p for m in mods
                    for p in [m.basis.weight, m.V] + ([m.bias] if m.bias is not None else [])}.values())
-    for p in params:
-        p.requires_grad_(True)
-    warm = max(1, steps // 20)
-
-    def schedule(t):
-        return min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
 
     def adamw(ps):  # fused: one pass over each tensor (the unfused CPU AdamW makes several + temporaries)
         return torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
-    # Without a hook on the raw gradients (RigL needs them), each tensor is updated the moment its
-    # gradient is complete and the gradient is freed: one V's gradient in memory at a time instead of the
-    # whole group's. AdamW is elementwise, so one optimizer per tensor gives the same update.
-    in_backward = after_backward is None
-    handles = []
-    if in_backward:
-        opts = {id(p): adamw([p]) for p in params}
-        scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in opts.values()]
-        owner = {id(m.V): m for m in mods}
-
-        def update(p):
-            m = owner.get(id(p))
-            if m is not None:
-                p.grad.mul_(m.mask)
-            opts[id(p)].step()
-            p.grad = None
-            if m is not None:
-                m.apply_mask_()
-        handles = [p.register_post_accumulate_grad_hook(update) for p in params]
-    else:
-        opt = adamw(params)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     chains = {li: mlp_chain(model, adapter, li) for li in layers}
     norms = {li: float(Y[li].pow(2).mean()) + 1e-12 for li in layers}
     n_tok = X[layers[0]].shape[0]
     gen = torch.Generator().manual_seed(seed)
     use_amp = device.type == "cuda"
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    try:
-        for step in bar:
-            idx = torch.randint(0, n_tok, (min(batch_tokens, n_tok),), generator=gen)
-            loss = 0.0
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                for li in layers:
-                    x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
-                    loss = loss + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
-            if in_backward:
-                loss.backward()  # the hooks step every tensor
-                for sc in scheds:
-                    sc.step()
-            else:
-                masked_step(loss, opt, sched, mods, before_mask=lambda: after_backward(step))
-            if after_step is not None:
-                after_step(step)
-            losses.append(float(loss.detach()))
-            if progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", **(postfix() if postfix is not None else {}))
-    finally:
-        for h in handles:
-            h.remove()
-        for p in params:
-            p.requires_grad_(False)
-    return losses
 
-
-def loss_summary(losses: list[float]) -> dict:
-    tail = losses[-10:]
-    return {"loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None}
+    def loss(step: int) -> torch.Tensor:
+        idx = torch.randint(0, n_tok, (min(batch_tokens, n_tok),), generator=gen)
+        total = 0.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            for li in layers:
+                x, y = X[li][idx].to(device, non_blocking=True), Y[li][idx].to(device, non_blocking=True)
+                total = total + (run_chain(chains[li], x).float() - y).pow(2).mean() / norms[li]
+        return total
+    before_update, after_update = mask_hooks(mods)
+    # Without a hook on the raw gradients (RigL needs them), each tensor is updated the moment its
+    # gradient is complete and the gradient is freed (per_tensor): one V's gradient in memory at a time
+    # instead of the whole group's.
+    return train_loop(loss, params, adamw, steps=steps, warmup=fips_warmup(steps), per_tensor=after_backward is None,
+                      before_update=before_update, after_update=after_update, after_backward=after_backward,
+                      after_step=after_step, desc=desc, progress=progress, postfix=postfix, postfix_every=10)["losses"]
 
 
 def train_group_local(model, adapter: Adapter, plan: GroupPlan, mods: list[FipsLinear], col_scales, cfg: FipsConfig,
@@ -429,10 +399,10 @@ def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: Fip
     biases; ``cfg.global_norms`` adds the norm weights); every other parameter is frozen for the run (no
     weight gradients are computed for it) and restored afterwards. V stays inside its mask (masked
     gradients, re-masked after each step), so the sparsity pattern and the budget do not change. The
-    learning rate warms up linearly over steps/20 and then decays by a cosine, as the local fit's. Each of
+    loop and schedule are the local fit's (``fips_rt.train.train_loop``: linear warm-up over steps/20,
+    then cosine decay). Each of
     the ``cfg.global_steps`` steps draws ``_global_batch`` from ``batches`` (the calibration batches).
     Returns the first and last losses, the loss of every step and the seconds spent."""
-    from tqdm.auto import tqdm
     from .delta_math import distill_loss
     from .evaluate import forward
     t0, c0 = time.time(), time.process_time()
@@ -444,40 +414,32 @@ def train_global(model, teacher, adapter: Adapter, batches: list[dict], cfg: Fip
                 "trained_params": 0}
     flags = {id(p): (p, p.requires_grad) for p in list(model.parameters()) + params}
     for p, _ in flags.values():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.global_lr, weight_decay=0.0, betas=(0.9, 0.95))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+        p.requires_grad_(False)  # no weight gradients for what is not trained (train_loop enables params)
     use_amp = device.type == "cuda"
     gen = torch.Generator().manual_seed(cfg.seed + 1000)
+
+    def loss(step: int) -> torch.Tensor:
+        b = {k: v.to(device) for k, v in _global_batch(batches, cfg, gen).items()}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            t = forward(teacher, b, adapter.kind).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            s = forward(model, b, adapter.kind).float()
+        return distill_loss(s, t, adapter.kind)  # the same loss as DeltaLLM's distillation
+
+    def adamw(ps):
+        return torch.optim.AdamW(ps, lr=cfg.global_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    before_update, after_update = mask_hooks(mods)
     was_training = model.training
     model.train(False)  # no dropout: the student is compared with the teacher on the same function
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="global distillation", disable=not progress, leave=False)
     try:
-        for step in bar:
-            b = {k: v.to(device) for k, v in _global_batch(batches, cfg, gen).items()}
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                t = forward(teacher, b, adapter.kind).float()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                s = forward(model, b, adapter.kind).float()
-            loss = distill_loss(s, t, adapter.kind)  # the same loss as DeltaLLM's distillation
-            del s, t
-            masked_step(loss, opt, sched, mods)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        losses = train_loop(loss, params, adamw, steps=steps, warmup=fips_warmup(steps), before_update=before_update,
+                            after_update=after_update, desc="global distillation", progress=progress)["losses"]
     finally:
         for p, flag in flags.values():
             p.requires_grad_(flag)
-        opt.zero_grad(set_to_none=True)
         model.train(was_training)
-    tail = losses[-10:]
-    return {"loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None,
-            "losses": losses, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
-            "trained_params": sum(p.numel() for p in params)}
+    return {**loss_summary(losses), "losses": losses, "seconds": time.time() - t0,
+            "cpu_seconds": time.process_time() - c0, "trained_params": sum(p.numel() for p in params)}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -520,7 +482,8 @@ def _load_state(state_dir: Path, plan: GroupPlan):
     return obj
 
 
-def _record_io(model, adapter: Adapter, layers, layer_ids: list[int], batches, progress=False, stats: bool = False):
+def _record_io(model, adapter: Adapter, layers, layer_ids: list[int], batches, progress=False, stats: bool = False,
+               full_out: bool = False):
     """Teacher MLP I/O of ``layer_ids`` (and with ``stats`` the whitening statistics of every layer) from
     one pass of the model: ``capture.statistics_and_io`` / ``teacher_io``, but each layer's per-batch
     pieces are concatenated and dropped one layer at a time, so the I/O is in memory once (not twice
@@ -528,7 +491,7 @@ def _record_io(model, adapter: Adapter, layers, layer_ids: list[int], batches, p
     from .capture import Tokens, _io_hooks, _statistics_hooks, forward_batches
     st, tokens = {}, Tokens()
     xs, ys = {li: [] for li in layer_ids}, {li: [] for li in layer_ids}
-    handles = (_statistics_hooks(model, adapter, layers, tokens, st) if stats else []) + _io_hooks(
+    handles = (_statistics_hooks(model, adapter, layers, tokens, st, full_out=full_out) if stats else []) + _io_hooks(
         model, adapter, layer_ids, tokens, xs, ys)
     forward_batches(model, adapter, batches, tokens, handles, stop_layer=len(layers) - 1 if stats else max(layer_ids),
                     desc="calibration statistics and activations" if stats else
@@ -604,16 +567,23 @@ def compress_fips(model, adapter: Adapter, cfg: FipsConfig, calibration: list[di
     stats = None
     needs_io = cfg.steps > 0 or cfg.refit != "none"
     first_io = io_layers(todo[0].index) if needs_io and todo else []
+    full_out = cfg.selection == "obs"
     if cfg.init == "whitened" and first_io:
-        stats, io_cache = _record_io(model, adapter, layers, first_io, calibration, progress, stats=True)
+        stats, io_cache = _record_io(model, adapter, layers, first_io, calibration, progress, stats=True,
+                                     full_out=full_out)
     elif cfg.init == "whitened":
-        stats = input_statistics(model, adapter, layers, calibration, progress)
+        stats = input_statistics(model, adapter, layers, calibration, progress, full_out=full_out)
     elif first_io:
         io_cache = _record_io(model, adapter, layers, first_io, calibration, progress)
     # shared init of every group, then one global magnitude threshold allots V entries across groups
     inits = []
     for plan in plans:
         inits.append(init_group(model, plan, cfg, stats))
+        if cfg.selection == "obs":
+            inits[-1].col_scale[:] = selection_scales(plan, cfg, stats, inits[-1].col_scale)
+    if full_out:
+        for s in stats.values():
+            s.pop("hth", None)
     total_keep = sum(kept_nnz(p.rank, len(p.linears) * p.d_ff, cfg.sparsity) for p in plans)
     flat_vs = [(v, c) for ini in inits for v, c in zip(ini.V, ini.col_scale)]
     if cfg.pruning == "nm":

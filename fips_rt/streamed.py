@@ -592,6 +592,9 @@ def compress_streamed(folder: str, cfg: FipsConfig, batches: list[dict] | None, 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     sk = sk or Skeleton(folder)
+    if cfg.selection != "magnitude":
+        raise FipsError(f"selection {cfg.selection!r} is not supported by block-by-block onloading (it keeps only "
+                        "the diagonal statistics of each layer); use selection 'magnitude' or the in-memory engine.")
     if cfg.global_steps > 0:
         raise FipsError("global distillation steps need the whole model in memory; block-by-block onloading "
                         "(and --distributed) runs local error minimization only: use --global-steps 0.")

@@ -67,8 +67,8 @@ Environment:
                                   per-row scales, 8 otherwise; above: dequantize once, fp32 kernels)
     FIPS_QSPARSE_NO_VNNI=1        AVX-512 level: nodes with activation_bits=8 compute exactly (float
                                   activations) instead of with the int8-activation VNNI kernels
-    FIPS_QSPARSE_ACT8_TASK_NNZ=N  kept entries x tokens per task of the VNNI kernels (default 196608; for
-                                  measurements); FIPS_SPARSE_TEST_CPU_LACKS=avx512vnni also turns them off
+    FIPS_QSPARSE_ACT8_TASK_STEPS=N  64-column steps x tokens per task of the VNNI kernels (default 3072;
+                                  for measurements); FIPS_SPARSE_TEST_CPU_LACKS=avx512vnni also turns them off
 """
 from __future__ import annotations
 

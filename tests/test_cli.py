@@ -131,6 +131,50 @@ def test_refuses_to_overwrite_input(tmp_path):
     assert "overwrite" in line or "not a model" in line
 
 
+@pytest.mark.parametrize("args,flags", [
+    (["--sparsity", "0.75"], ["--sparsity"]),  # explicit, even at its default value
+    (["--group-size", "2", "--refit", "after"], ["--group-size", "--refit"]),
+    (["--global-steps", "5", "--global-lr", "1e-3"], ["--global-steps", "--global-lr"]),
+    (["--no-global-norms", "--teacher-forcing"], ["--global-norms/--no-global-norms", "--sequential/--teacher-forcing"]),
+    (["--pruning", "rigl", "--batch-tokens", "64", "--onload", "off"], ["--pruning", "--batch-tokens", "--onload"]),
+])
+def test_deltallm_refuses_fips_only_options(tmp_path, args, flags):
+    line = one_line_error(run("compress", str(tmp_path / "nope"), "--method", "deltallm", *args,
+                              "--out", str(tmp_path / "m.pt")))
+    assert line.startswith("error: ") and "FiPS-only" in line and "--method deltallm" in line
+    for f in flags:
+        assert f in line
+
+
+@pytest.mark.parametrize("args,flags", [
+    (["--layout", "alternating"], ["--layout"]),
+    (["--keep-first", "2", "--keep-last", "1", "--delta-rank", "4"], ["--keep-first", "--keep-last", "--delta-rank"]),
+])
+def test_fips_refuses_deltallm_only_options(tmp_path, args, flags):
+    for method in ([], ["--method", "fips"]):
+        line = one_line_error(run("compress", str(tmp_path / "nope"), *method, *args, "--out", str(tmp_path / "m.pt")))
+        assert line.startswith("error: ") and "DeltaLLM-only" in line and "--method fips" in line
+        for f in flags:
+            assert f in line
+
+
+def test_every_compress_option_belongs_to_both_methods_or_one():
+    """A new compress option must say which method reads it (fips_rt.cli.METHOD_ONLY_OPTIONS / SHARED_OPTIONS)."""
+    from fips_rt.cli import METHOD_ONLY_OPTIONS, SHARED_OPTIONS, compress
+    fips, delta, shared = (set(METHOD_ONLY_OPTIONS["fips"]), set(METHOD_ONLY_OPTIONS["deltallm"]), set(SHARED_OPTIONS))
+    assert not (fips & delta or fips & shared or delta & shared)
+    assert {p.name for p in compress.params} == fips | delta | shared
+
+
+def test_shared_and_own_options_pass_the_method_check(tmp_path):
+    """Options both methods read, and each method's own ones, get past the check (to the missing model)."""
+    shared = ["--steps", "3", "--lr", "1e-3", "--seed", "1", "--mlp-budget", "0.7", "--calib-tokens", "512"]
+    for own in (["--method", "deltallm", "--layout", "alternating", "--keep-first", "1"],
+                ["--method", "fips", "--sparsity", "0.5", "--global-steps", "2", "--refit", "after"]):
+        line = one_line_error(run("compress", str(tmp_path / "nope"), *own, *shared, "--out", str(tmp_path / "m.pt")))
+        assert "Model not found" in line, line
+
+
 def test_compress_deltallm_via_cli(tiny_folder, text_file, tmp_path):
     out = tmp_path / "delta.pt"
     # the tiny model's 49k-token embedding dominates its size: give the budget as a fraction of the MLPs

@@ -10,12 +10,13 @@ from fips_rt.accounting import count_model
 from fips_rt.api import compress_
 from fips_rt.checkpoint import load_checkpoint, save_checkpoint
 from fips_rt.config import DeltaConfig, config_from_dict
-from fips_rt.delta_math import (blocks_to_drop, delta_cost, candidate_plans, choose_plan, lowrank_delta, lr_factor, plan_params,
+from fips_rt.delta_math import (blocks_to_drop, delta_cost, candidate_plans, choose_plan, lowrank_delta, plan_params,
                                 rank_for_target, replacement_probability, sharing_units, spectrum_pairs,
                                 weighted_spectrum, covariance_factor)
 from fips_rt.errors import FipsError
 from fips_rt.modules import DeltaLinear
 from fips_rt.testing import tiny_model
+from fips_rt.train import lr_factor
 
 SMOL_SHAPES = [(1536, 576), (1536, 576), (576, 1536)]  # gate, up, down (out, in)
 SMOL_PARAMS = 134_515_008
@@ -182,6 +183,7 @@ def _deltas(model):
 
 def test_training_lowers_loss_and_resume_matches(tmp_path, monkeypatch):
     import fips_rt.deltallm as D
+    import fips_rt.train as T
     calib = _calib(6)
     full = tiny_model("llama", layers=8)
     rep = compress_(full, _train_cfg(), calib, device="cpu", state_dir=tmp_path / "a", log=lambda *a: None)
@@ -195,11 +197,11 @@ def test_training_lowers_loss_and_resume_matches(tmp_path, monkeypatch):
     def boom(step, loss):
         if step == 2:  # 3 steps done; the last save was after step 2 (index 1)
             raise Stop
-    monkeypatch.setattr(D, "_step_callback", boom)
+    monkeypatch.setattr(T, "_step_callback", boom)
     part = tiny_model("llama", layers=8)
     with pytest.raises(Stop):
         compress_(part, _train_cfg(), calib, device="cpu", state_dir=tmp_path / "b", log=lambda *a: None)
-    monkeypatch.setattr(D, "_step_callback", lambda step, loss: None)
+    monkeypatch.setattr(T, "_step_callback", lambda step, loss: None)
     saved = torch.load(tmp_path / "b" / D.STATE_FILE, weights_only=True)
     assert saved["step"] == 2
     again = tiny_model("llama", layers=8)

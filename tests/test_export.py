@@ -320,8 +320,12 @@ def test_refuses_bad_outputs(tmp_path):
     with pytest.raises(FipsError, match="overwrite the input"):
         export(str(ckpt), str(ckpt))
     assert ckpt.read_bytes() == before
-    with pytest.raises(FipsError, match="does not exist"):
-        export(lm, tmp_path / "missing" / "model.onnx")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FipsError, match="is a file"):
+        export(lm, tmp_path / "afile" / "sub" / "model.onnx")
+    assert (tmp_path / "afile").read_text() == "x"
+    export(lm, tmp_path / "new" / "deep" / "model.onnx")  # a missing output folder is created
+    assert (tmp_path / "new" / "deep" / "model.onnx").is_file()
     with pytest.raises(FipsError, match=r"\.onnx"):
         export(lm, tmp_path / "model.bin")
     with pytest.raises(FipsError, match="opset"):

@@ -3,7 +3,6 @@
 perplexity on both domains, timing in fresh processes) writes JSON, markdown and a plot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -18,11 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pareto():
-    spec = importlib.util.spec_from_file_location("pareto_bench", ROOT / "benchmarks" / "pareto.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pareto_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_benchmark
+    return load_benchmark("pareto.py", "pareto_bench")
 
 
 def _bench_round(decode_ms, prefill_ms, peak_mb):

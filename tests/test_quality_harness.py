@@ -4,10 +4,7 @@ No wall-clock assertions."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +15,6 @@ from fips_rt.adapters import get_submodule, linear_paths
 from fips_rt.modules import FipsLinear
 from fips_rt.testing import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 LM_FIELDS = {"method", "budget", "model_budget", "ppl", "ppl_ratio", "params", "bytes", "seconds", "device", "split",
              "settings"}
 ENC_FIELDS = {"method", "budget", "model_budget", "cosine_mean", "cosine_min", "retrieval_agreement", "params",
@@ -29,13 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def q():
-    spec = importlib.util.spec_from_file_location("quality_harness", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["quality_harness"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("quality_harness", None)
+def q(quality_harness):
+    return quality_harness
 
 
 def tiny_settings(q):
@@ -169,8 +160,8 @@ def test_svd_llm_installs_one_dense_basis_per_linear():
 def test_lm_all_methods_one_budget_and_resume(q, tmp_path, monkeypatch):
     ctx = lm_context(q)
     methods = q.methods_for("causal-lm")
-    assert methods == ["fips-init", "fips-local", "fips-global", "svd", "svd-local", "basis-sharing", "deltallm",
-                       "drop-heal"]
+    assert methods == ["fips-init", "fips-local", "fips-global", "svd", "svd-local", "svd-global", "basis-sharing",
+                       "deltallm", "drop-heal"]
     out = tmp_path / "quality_tiny"
     res = q.run(ctx, methods, [0.5], out, meta={"methods": methods})
     rows = res["rows"]
@@ -190,9 +181,10 @@ def test_lm_all_methods_one_budget_and_resume(q, tmp_path, monkeypatch):
     for m in ("fips-init", "fips-local", "fips-global"):
         assert by[m]["params"] == target
         assert by[m]["mlp_params"] <= 0.5 * ctx.dense["mlp_params_dense"]
-    for m in ("svd", "svd-local", "basis-sharing"):
+    for m in ("svd", "svd-local", "svd-global", "basis-sharing"):
         assert by[m]["mlp_budget_reached"] <= 0.5
         assert by[m]["details"]["whitened"] is True
+    assert by["svd-global"]["params"] == by["svd"]["params"] and len(by["svd-global"]["details"]["global"]["losses"]) == 2
     assert by["svd-local"]["details"]["local"][0]["layers"] == [0, 1]  # the FiPS groups
     # whole-model peers at the FiPS row's parameter count
     tb = target / ctx.dense["params"]

@@ -907,24 +907,52 @@ FIPS_VNNI void vnni_unpermute(const float* P, int64_t cols, float* out, bool add
   }
 }
 
-// Work per task of the quantized-activation kernels: at least this many kept entries (below it the
-// thread hand-off costs more than it saves; FIPS_QSPARSE_ACT8_TASK_NNZ overrides, for measurements).
-int64_t act8_task_nnz() {
+// Work per task of the quantized-activation kernels: at least this many 64-column steps (below it the
+// thread hand-off costs more than it saves; FIPS_QSPARSE_ACT8_TASK_STEPS overrides, for measurements).
+int64_t act8_task_steps() {
   static const int64_t n = [] {
-    const char* e = std::getenv("FIPS_QSPARSE_ACT8_TASK_NNZ");
-    return e && e[0] ? std::max<int64_t>(1, std::strtoll(e, nullptr, 10)) : int64_t(kAct8TaskNnz);
+    const char* e = std::getenv("FIPS_QSPARSE_ACT8_TASK_STEPS");
+    return e && e[0] ? std::max<int64_t>(1, std::strtoll(e, nullptr, 10)) : int64_t(kAct8TaskSteps);
   }();
   return n;
+}
+
+// Non-empty rows in [r0, r1).
+int64_t live_rows(const MaskTables& t, int64_t r0, int64_t r1) {
+  int64_t n = 0;
+  for (int64_t r = r0; r < r1; ++r) n += t.row_off[r + 1] != t.row_off[r];
+  return n;
+}
+
+// Tasks of a call: its steps (T x non-empty rows x cols / 64) over act8_task_steps(), in [1, cap].
+int64_t act8_tasks(const MaskTables& t, int64_t T, int64_t cap) {
+  const int64_t steps = T * live_rows(t, 0, t.rows) * (t.cols / 64);
+  return std::max<int64_t>(1, std::min<int64_t>(cap, steps / act8_task_steps()));
+}
+
+// Row boundaries of `parts` slices with about the same number of non-empty rows (the work of the
+// VNNI kernels, see kAct8TaskSteps), each boundary a multiple of `align`. Depends only on the mask.
+std::vector<int64_t> live_row_bounds(const MaskTables& t, int64_t parts, int64_t align) {
+  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
+  b[0] = 0;
+  const int64_t live = live_rows(t, 0, t.rows);
+  int64_t seen = 0, r = 0;
+  for (int64_t k = 1; k < parts; ++k) {
+    const int64_t target = live * k / parts;
+    while (r < t.rows && seen < target) seen += t.row_off[r + 1] != t.row_off[r], ++r;
+    b[k] = std::max(b[k - 1], std::min(t.rows, (r + align / 2) / align * align));
+  }
+  return b;
 }
 
 void qnn_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   const MaskTables& t = *Q.t;
   const int64_t cols = t.cols;
   const ActNN X(Q, A, T);
-  // row slices of whole 64-row blocks; a fixed split (by kept entries), partial sums added in slice order
+  // row slices of whole 64-row blocks; a fixed split (by non-empty rows), partial sums added in slice order
   const int64_t nblk = X.nblk;
-  const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>({8, nblk, t.nnz * T / act8_task_nnz()}));
-  const std::vector<int64_t> bound = balanced_rows(t, nsplit, kActBlock);
+  const int64_t nsplit = std::min<int64_t>(nblk, act8_tasks(t, T, 8));
+  const std::vector<int64_t> bound = live_row_bounds(t, nsplit, kActBlock);
   std::vector<float> partial(static_cast<size_t>((nsplit - 1) * T * cols));
   run_tasks(runner, static_cast<size_t>(nsplit), [&](size_t i) {
     const int64_t r0 = bound[i], r1 = bound[i + 1];
@@ -950,8 +978,8 @@ void qnn_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const
 void qnt_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   const MaskTables& t = *Q.t;
   const ActNT X(A, T, t.cols);
-  const int64_t ntask = std::max<int64_t>(1, std::min<int64_t>({16, ceil_div(t.rows, 32), t.nnz * T / act8_task_nnz()}));
-  const std::vector<int64_t> bound = balanced_rows(t, ntask, 4);
+  const int64_t ntask = std::min<int64_t>(ceil_div(t.rows, 32), act8_tasks(t, T, 16));
+  const std::vector<int64_t> bound = live_row_bounds(t, ntask, 4);
   run_tasks(runner, static_cast<size_t>(ntask), [&](size_t i) {
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       switch (std::min<int64_t>(4, T - t0)) {

@@ -30,8 +30,11 @@ namespace fips {
 // than dequantize + fp32, int4 g=32 fused 2x slower). FIPS_QSPARSE_FUSED_MAX_T=N overrides both.
 constexpr int64_t kQFusedMaxT = 8;          // int4, and int8 with grouped scales
 constexpr int64_t kQFusedMaxTInt8Row = 16;  // int8 with per-row scales
-// activation_bits = 8 kernels: kept entries (times tokens) per task at least (smaller: fewer tasks).
-constexpr int64_t kAct8TaskNnz = 196608;  // SmolLM2 V (415k kept entries): 2 tasks at T = 1
+// activation_bits = 8 kernels: 64-column steps (non-empty rows x cols / 64 x tokens) per task at least
+// (smaller calls: fewer tasks). Their cost is per step (one vpexpandb + one vpdpbusd per row and 64
+// columns, whatever the row's density), not per kept entry: a SmolLM2 V (576 x 1536) is 13,824 steps at
+// T = 1, ~25 us on one core, so 4 tasks; a sparse down_proj V gets as many as a dense one.
+constexpr int64_t kAct8TaskSteps = 3072;
 
 struct QSparseMatrix {
   const uint8_t* codes;  // int8 [nnz] (bits 8) or packed uint8 [ceil(nnz / 2)] (bits 4)
