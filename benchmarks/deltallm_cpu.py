@@ -40,6 +40,8 @@ def machine() -> dict:
 
 
 def main() -> int:
+    from fips_rt.config import DeltaConfig
+    _D = DeltaConfig()  # the script's defaults are the library's
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-budget", type=float, default=0.88)
     ap.add_argument("--steps", type=int, default=40)
@@ -47,8 +49,17 @@ def main() -> int:
     ap.add_argument("--calib-rows", type=int, default=48)
     ap.add_argument("--batch", type=int, default=2, help="rows per training step")
     ap.add_argument("--test-rows", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=1e-3, help="DeltaLLM lr (deltas only)")
+    ap.add_argument("--split", choices=["test", "validation"], default="test",
+                    help="evaluation windows: wiki test (report) or validation (choose settings)")
+    ap.add_argument("--lr", type=float, default=_D.lr, help="DeltaLLM: the deltas' lr")
     ap.add_argument("--heal-lr", type=float, default=1e-4, help="block-drop heal lr (all block params)")
+    ap.add_argument("--anchor-scale", choices=["one", "fit"], default=_D.anchor_scale,
+                    help="DeltaConfig.anchor_scale: W_f = W_a + AB (one) or s W_a + AB, s fitted (fit)")
+    ap.add_argument("--train-scope", choices=["deltas", "blocks"], default=_D.train_scope,
+                    help="DeltaConfig.train_scope: the deltas only, or every block parameter too (at --block-lr)")
+    ap.add_argument("--block-lr", type=float, default=_D.block_lr, help="with --train-scope blocks")
+    ap.add_argument("--share-attention", action="store_true", help="DeltaConfig.share_attention")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: init, blockdrop (exploration runs)")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deltallm_cpu"))
     args = ap.parse_args()
@@ -70,7 +81,7 @@ def main() -> int:
     timings["load_s"] = time.time() - t
     tok = base.tokenizer
     calib = lm_batches(tok, "wiki", "train", args.calib_rows * args.seq_len, args.seq_len, 4)
-    test = lm_batches(tok, "wiki", "test", args.test_rows * args.seq_len, args.seq_len, 4)
+    test = lm_batches(tok, "wiki", args.split, args.test_rows * args.seq_len, args.seq_len, 4)
     dense_params = sum(p.numel() for p in {id(p): p for p in base.model.parameters()}.values())
     rows = []
 
@@ -87,18 +98,26 @@ def main() -> int:
 
     def delta_cfg(steps):
         return DeltaConfig(model_budget=args.model_budget, steps=steps, lr=args.lr, batch=args.batch, warmup=4,
-                           replace_start=0.3, replace_end=0.5, save_every=0)
+                           replace_start=0.3, replace_end=0.5, save_every=0, anchor_scale=args.anchor_scale,
+                           train_scope=args.train_scope, block_lr=args.block_lr,
+                           share_attention=args.share_attention)
 
-    # DeltaLLM, SVD init only
-    lm0 = copy.deepcopy(base)
-    t = time.time()
-    rep0 = compress_(lm0, delta_cfg(0), calib, device="cpu")
-    timings["deltallm_init_s"] = time.time() - t
-    c0 = count_model(lm0.model, lm0.adapter)
-    plan = rep0.details["plan"]
-    evaluate("deltallm-init", lm0.model, c0["params"], {"share_size": plan["share_size"], "rank": plan["rank"],
-                                                         "delta_blocks": sum(len(f) for _, f in plan["units"])})
-    del lm0
+    skip = {x for x in args.skip.split(",") if x}
+    if skip - {"init", "blockdrop"}:
+        ap.error(f"--skip: unknown rows {sorted(skip - {'init', 'blockdrop'})}")
+
+    # DeltaLLM, (weighted) SVD init only
+    rep0 = None
+    if "init" not in skip:
+        lm0 = copy.deepcopy(base)
+        t = time.time()
+        rep0 = compress_(lm0, delta_cfg(0), calib, device="cpu")
+        timings["deltallm_init_s"] = time.time() - t
+        c0 = count_model(lm0.model, lm0.adapter)
+        plan = rep0.details["plan"]
+        evaluate("deltallm-init", lm0.model, c0["params"], {"share_size": plan["share_size"], "rank": plan["rank"],
+                                                             "delta_blocks": sum(len(f) for _, f in plan["units"])})
+        del lm0
 
     # DeltaLLM, trained
     lm1 = copy.deepcopy(base)
@@ -106,33 +125,37 @@ def main() -> int:
     rep1 = compress_(lm1, delta_cfg(args.steps), calib, device="cpu")
     timings["deltallm_train_total_s"] = time.time() - t
     c1 = count_model(lm1.model, lm1.adapter)
+    plan = rep1.details["plan"]
     losses = rep1.details["losses"]
     evaluate("deltallm-trained", lm1.model, c1["params"],
              {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-              "trainable": sum(m.A.numel() + m.B.numel() for m in lm1.model.modules() if hasattr(m, "A"))})
+              "trainable": rep1.details["train"].get("trainable_params"),
+              "anchor_scales": rep1.details["scales"]})
     del lm1
 
     # ShortGPT block drop (+ heal with the same steps x rows)
-    lm2 = copy.deepcopy(base)
-    teacher = base.model
-    t = time.time()
-    info = drop_blocks_(lm2, lm2.adapter, args.model_budget, calib)
-    timings["blockdrop_s"] = time.time() - t
-    evaluate("blockdrop", lm2.model, info["params"], {"dropped": info["dropped"]})
-    t = time.time()
-    h = heal_(lm2, teacher, calib, args.steps, args.heal_lr, batch_rows=args.batch, warmup=4, device="cpu")
-    timings["heal_s"] = time.time() - t
-    evaluate("blockdrop+heal", lm2.model, info["params"],
-             {"dropped": info["dropped"], "loss_first": h["losses"][0],
-              "loss_last10": sum(h["losses"][-10:]) / len(h["losses"][-10:]), "trainable": h["trainable_params"]})
+    h = {"losses": []}
+    if "blockdrop" not in skip:
+        lm2 = copy.deepcopy(base)
+        teacher = base.model
+        t = time.time()
+        info = drop_blocks_(lm2, lm2.adapter, args.model_budget, calib)
+        timings["blockdrop_s"] = time.time() - t
+        evaluate("blockdrop", lm2.model, info["params"], {"dropped": info["dropped"]})
+        t = time.time()
+        h = heal_(lm2, teacher, calib, args.steps, args.heal_lr, batch_rows=args.batch, warmup=4, device="cpu")
+        timings["heal_s"] = time.time() - t
+        evaluate("blockdrop+heal", lm2.model, info["params"],
+                 {"dropped": info["dropped"], "loss_first": h["losses"][0],
+                  "loss_last10": sum(h["losses"][-10:]) / len(h["losses"][-10:]), "trainable": h["trainable_params"]})
     timings["total_s"] = time.time() - t_all
 
     result = {"benchmark": "deltallm_cpu", "machine": machine(), "settings": vars(args),
               "data": {"calib_tokens": sum(b["input_ids"].numel() for b in calib),
                        "test_tokens": sum(b["input_ids"].numel() for b in test),
                        "train_tokens_per_run": args.steps * args.batch * args.seq_len,
-                       "split": "wiki train (calibration/training) / wiki test (perplexity)"},
-              "plan": plan, "candidates": rep0.details["candidates"], "rows": rows, "timings": timings,
+                       "split": f"wiki train (calibration/training) / wiki {args.split} (perplexity)"},
+              "plan": plan, "candidates": rep1.details["candidates"], "rows": rows, "timings": timings,
               "deltallm_losses": losses, "heal_losses": h["losses"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +167,13 @@ def main() -> int:
           f"Budget {args.model_budget}; calibration {result['data']['calib_tokens']} wiki-train tokens "
           f"({args.calib_rows} x {args.seq_len}); training {args.steps} steps x {args.batch} rows x "
           f"{args.seq_len} tokens = {result['data']['train_tokens_per_run']} tokens per run (both methods); "
-          f"perplexity on {result['data']['test_tokens']} wiki-test tokens ({args.test_rows} windows x {args.seq_len}).",
+          f"perplexity on {result['data']['test_tokens']} wiki-{args.split} tokens ({args.test_rows} windows x {args.seq_len}).",
           "", f"DeltaLLM plan: share size {plan['share_size']} ({'sequential'}), rank {plan['rank']} "
-          f"(+1 on {len(plan['bumped'])} blocks), units {plan['units']}.", "",
+          f"(+1 on {len(plan['bumped'])} blocks), units {plan['units']}; anchor scale {args.anchor_scale} "
+          f"(|s| max {rep1.details['scales']['max_abs']:.4f}, mean {rep1.details['scales']['mean_abs']:.4f} over "
+          f"{rep1.details['scales']['n']} follower linears), train scope {args.train_scope}"
+          f"{f' (block lr {args.block_lr:g})' if args.train_scope == 'blocks' else ''}, delta lr {args.lr:g}"
+          f"{', attention shared too' if args.share_attention else ''}.", "",
           "| model | params | params / dense | test ppl | ppl / dense |", "|---|---|---|---|---|"]
     d = rows[0]["test_ppl"]
     for r in rows:
@@ -154,7 +181,9 @@ def main() -> int:
     md += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    ok = abs(rows[2]["ratio"] - args.model_budget) <= 0.005 and rows[2]["test_ppl"] < rows[1]["test_ppl"]
+    trained = next(r for r in rows if r["model"] == "deltallm-trained")
+    init = next((r for r in rows if r["model"] == "deltallm-init"), None)
+    ok = abs(trained["ratio"] - args.model_budget) <= 0.005 and (init is None or trained["test_ppl"] < init["test_ppl"])
     return 0 if ok else 1
 
 

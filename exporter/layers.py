@@ -187,12 +187,16 @@ def fips_linear(b: GraphBuilder, m: FipsLinear, x: str, path: str) -> str:
 
 def delta_linear(b: GraphBuilder, m: DeltaLinear, x: str, path: str) -> str:
     names = b.memo.setdefault("delta_shared", {})
+    low = None if m.rank == 0 else b.linear_weight(b.linear_weight(x, m.B, f"{path}.B"), m.A, f"{path}.A")
+    if m.scale == 0.0 and low is not None:  # anchor_scale="fit" came out 0: the shared product is skipped
+        return _bias(b, low, m, path)
     if id(m.shared) not in names:
         names[id(m.shared)] = f"delta.shared.{len(names)}"
     base = b.linear_weight(x, m.shared, names[id(m.shared)])  # one initializer per shared tensor (by identity)
-    if m.rank == 0:  # an anchor block: the shared weight alone
+    if m.scale != 1.0:  # W_f = s W_a + A B
+        base = b.op("Mul", [base, b.fconst(m.scale)])
+    if low is None:  # an anchor block: the shared weight alone
         return _bias(b, base, m, path)
-    low = b.linear_weight(b.linear_weight(x, m.B, f"{path}.B"), m.A, f"{path}.A")
     return _bias(b, b.op("Add", [base, low]), m, path)
 
 

@@ -111,13 +111,17 @@ def _wrappers(dtype):
         def __init__(self, m: DeltaLinear):
             super().__init__()
             self.shared, self.A, self.B, self.bias = m.shared, m.A, m.B, m.bias
+            self.scale = float(m.scale)
             self.dims = (int(m.shared.shape[0]), int(m.shared.shape[1]), int(m.A.shape[1]))  # python ints
 
         def forward(self, x):
             out_f, in_f, r = self.dims
-            base = GemmStoredFn.apply(x, self.shared, None, in_f, out_f)
             low = GemmStoredFn.apply(GemmStoredFn.apply(x, self.B, None, in_f, r), self.A, None, r, out_f)
-            y = base + low
+            if self.scale == 0.0:
+                y = low
+            else:
+                base = GemmStoredFn.apply(x, self.shared, None, in_f, out_f)
+                y = (base if self.scale == 1.0 else base * self.scale) + low
             return y if self.bias is None else y + self.bias
 
     return LinearOut, FipsOut, DeltaOut

@@ -132,7 +132,10 @@ def collect_tensors(model) -> tuple[dict[str, Any], dict[str, Any]]:
             tensors[f"{path}.B"] = mod.B.detach().float().cpu().contiguous()
             if mod.bias is not None:
                 tensors[f"{path}.bias"] = mod.bias.detach().float().cpu()
-            delta.append({"path": path, "shared": key, "rank": mod.rank, "bias": mod.bias is not None})
+            rec = {"path": path, "shared": key, "rank": mod.rank, "bias": mod.bias is not None}
+            if mod.scale != 1.0:  # DeltaConfig.anchor_scale="fit"; absent means 1 (files written before it)
+                rec["scale"] = float(mod.scale)
+            delta.append(rec)
             replaced.add(path)
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -598,7 +601,7 @@ def _load(path: str | os.PathLike):
                 shared[key] = nn.Parameter(tensors[key].float())
             bias = tensors[f"{p}.bias"].float() if rec["bias"] else None
             A, B = tensors[f"{p}.A"].float(), tensors[f"{p}.B"].float()
-            set_submodule(model, p, DeltaLinear(shared[key], A, B, bias))
+            set_submodule(model, p, DeltaLinear(shared[key], A, B, bias, scale=rec.get("scale", 1.0)))
         replaced = tuple(r["path"] + "." for r in structure["fips_linears"] + structure["delta_linears"])
         aliases = structure["aliases"]
         load = {}

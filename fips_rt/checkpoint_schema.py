@@ -13,6 +13,7 @@ present, and the rebuilt model's bytes are bounded by the file's bytes, before a
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from .errors import CheckpointError
@@ -37,7 +38,8 @@ HEADER_TYPES = {"method": str, "config": dict, "source": dict, "structure": dict
                 "name": str, "report": dict, "versions": dict, "extra": dict}
 HEADER_REQUIRED = ("method", "config", "source", "structure")
 FIPS_KEYS = {"path", "orientation", "basis", "shape", "nnz", "bias"}
-DELTA_KEYS = {"path", "shared", "rank", "bias"}
+DELTA_KEYS = {"path", "shared", "rank", "bias"}  # + optional "scale" (DeltaLinear.scale, default 1)
+MAX_SCALE = 1e6
 _METHOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _BASIS = re.compile(r"^basis\.[0-9]{1,9}$")
 _SHARED = re.compile(r"^shared\.[0-9]{1,9}$")
@@ -292,12 +294,16 @@ def check_structure(structure) -> None:
         _unique(rec["path"], seen, f"{where}.path")
     for i, rec in enumerate(structure["delta_linears"]):
         where = f"header.structure.delta_linears[{i}]"
-        _record_keys(rec, DELTA_KEYS, where)
+        _record_keys(rec, DELTA_KEYS | ({"scale"} if isinstance(rec, dict) and "scale" in rec else set()), where)
         check_module_path(rec["path"], f"{where}.path")
         if not isinstance(rec["shared"], str) or not _SHARED.fullmatch(rec["shared"]):
             raise refuse(f"{where}.shared", f"{show(rec['shared'])} is not a shared-matrix name (shared.<i>)")
         check_int(rec["rank"], f"{where}.rank")
         _bool(rec["bias"], f"{where}.bias")
+        if "scale" in rec:
+            sc = rec["scale"]
+            if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc) or abs(sc) > MAX_SCALE:
+                raise refuse(f"{where}.scale", f"must be a finite number of magnitude <= {MAX_SCALE:g}, not {show(sc)}")
         _unique(rec["path"], seen, f"{where}.path")
     for name, src in structure["aliases"].items():
         where = f"header.structure.aliases[{show(name)}]"

@@ -138,7 +138,7 @@ METHOD_ONLY_OPTIONS = {
              "global_batch", "global_seq_len", "global_norms", "sequential", "refit", "refit_rounds", "refit_u",
              "refit_ridge", "refit_iters", "refit_target", "onload", "activation_memory_gb", "distributed",
              "dist_timeout"),
-    "deltallm": ("delta_rank", "layout", "keep_first", "keep_last"),
+    "deltallm": ("delta_rank", "layout", "keep_first", "keep_last", "anchor_scale", "train_scope", "block_lr"),
 }
 METHOD_NAMES = {"fips": "FiPS", "deltallm": "DeltaLLM"}
 SHARED_OPTIONS = ("model", "method", "mlp_budget", "model_budget", "calib", "images", "calib_tokens", "seq_len", "steps",
@@ -188,7 +188,8 @@ def _refuse_other_methods_options(ctx: click.Context | None, method: str) -> Non
 @click.option("--seq-len", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
               help="FiPS: local steps per group; DeltaLLM: distillation steps.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="FiPS: local-step learning rate (default 1e-3); DeltaLLM: the deltas' (default 1e-4).")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="FiPS: tokens per local step.")
 @click.option("--global-steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -207,6 +208,13 @@ def _refuse_other_methods_options(ctx: click.Context | None, method: str) -> Non
               help="DeltaLLM: first blocks left unshared.")
 @click.option("--keep-last", type=click.IntRange(min=0), default=2, show_default=True,
               help="DeltaLLM: last blocks left unshared.")
+@click.option("--anchor-scale", type=click.Choice(["one", "fit"]), default=None,
+              help="DeltaLLM: W_f = W_a + A B (one, the paper's; default) or W_f = s W_a + A B with s fitted by "
+                   "least squares per linear (fit; s = 0 skips the shared product).")
+@click.option("--train-scope", type=click.Choice(["deltas", "blocks"]), default=None,
+              help="DeltaLLM: train the deltas only (default) or every block parameter as well (--block-lr).")
+@click.option("--block-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="DeltaLLM: learning rate of the non-delta parameters with --train-scope blocks (default 1e-4).")
 @click.option("--sequential/--teacher-forcing", default=None,
               help="FiPS: fit each group on inputs from the groups compressed before it (targets stay dense).")
 @click.option("--refit", type=click.Choice(["none", "before", "after", "both"]), default=None,
@@ -243,7 +251,8 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
              calib_tokens, seq_len, steps, lr, batch_tokens, global_steps, global_lr, delta_rank, layout, keep_first,
              keep_last, global_batch, sequential, refit, refit_rounds, refit_u, refit_ridge, refit_iters, refit_target,
              eval_tokens, device, checkpoint, out, resume, seed, quiet, global_seq_len=None, global_norms=None,
-             onload="auto", activation_memory_gb=None, distributed=False, dist_timeout=1800.0, keep_state=False):
+             onload="auto", activation_memory_gb=None, distributed=False, dist_timeout=1800.0, keep_state=False,
+             anchor_scale=None, train_scope=None, block_lr=None):
     """Compress MODEL and write a checkpoint.
 
     MODEL: a built-in name (smollm2-135m, minilm-l6), a local Hugging Face folder, a .gguf file, or
@@ -278,8 +287,8 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
                 raise FipsError(f"--groups must look like '0,1,2;3,4' (got {groups!r}).") from None
         cfg = FipsConfig(mlp_budget=mlp_budget if (mlp_budget or model_budget) else 0.5, model_budget=model_budget,
                          group_size=group_size, groups=group_list, sparsity=sparsity, init=init, pruning=pruning,
-                         nm=(n, m), steps=steps, lr=lr, batch_tokens=batch_tokens, global_steps=global_steps,
-                         global_lr=global_lr, seed=seed, **{k: v for k, v in dict(
+                         nm=(n, m), steps=steps, batch_tokens=batch_tokens, global_steps=global_steps,
+                         global_lr=global_lr, seed=seed, **{k: v for k, v in dict(lr=lr,
                              global_batch=global_batch, global_seq_len=global_seq_len, global_norms=global_norms,
                              sequential=sequential, refit=refit,
                              refit_rounds=refit_rounds, refit_u=refit_u,
@@ -289,7 +298,9 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
     else:
         cfg = DeltaConfig(model_budget=model_budget if (mlp_budget or model_budget) else 0.88, mlp_budget=mlp_budget,
                           delta_rank=delta_rank, layout=layout, keep_first=keep_first, keep_last=keep_last,
-                          steps=steps, lr=lr, seed=seed)
+                          steps=steps, seed=seed,
+                          **{k: v for k, v in dict(lr=lr, anchor_scale=anchor_scale, train_scope=train_scope,
+                                                   block_lr=block_lr).items() if v is not None})
     from .distributed import env_requests_distributed
     distributed = distributed or env_requests_distributed()
     if method == "fips" and _use_onload(model, onload, distributed):

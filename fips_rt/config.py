@@ -143,6 +143,12 @@ class FipsConfig(_DictRoundTrip):
 class DeltaConfig(_DictRoundTrip):
     """DeltaLLM: consecutive blocks share MLP weights; each non-anchor block adds a low-rank delta A·B.
 
+    W_f = s·W_a + A·B, s fitted per linear by weighted least squares (``anchor_scale="fit"``, the default:
+    consecutive blocks are nearly uncorrelated, so s is small and the delta need not cancel W_a first);
+    ``anchor_scale="one"`` is the paper's W_a + A·B. The distillation trains A, B at ``lr`` and, with
+    ``train_scope="blocks"`` (the default), every other block parameter at ``block_lr``, as block drop's
+    heal does; ``"deltas"`` trains A, B only (the paper). Measured effects: docs/deltallm.md.
+
     Budget: ``model_budget`` (fraction of whole-model parameters kept) or ``mlp_budget`` (fraction of
     MLP parameters kept). Without ``delta_rank``/``share_size`` the solver picks the share size and the
     rank that meet the budget (within ``budget_tol``) with the smallest activation-weighted
@@ -160,15 +166,18 @@ class DeltaConfig(_DictRoundTrip):
     keep_last: int = 2
     share_attention: bool = False  # also share q/k/v/o (every other linear of the block)
     init: str = "weighted"  # "weighted" (activation-weighted truncated SVD of the delta) | "svd" (plain)
+    anchor_scale: str = "fit"  # "fit": W_f = s W_a + A B, s by weighted least squares | "one": W_a + A B (the paper)
     ridge: float = 1e-2  # ridge on the normalized input covariance before Cholesky
     budget_tol: float = 0.005  # params / params_dense must lie in [budget - tol, budget]
     # distillation with progressive module replacement
     steps: int = 200
-    lr: float = 1e-3
+    lr: float = 1e-4  # the deltas' (A, B) learning rate
     warmup: int = 10
     batch: int = 2  # calibration rows (sequences) per training step
     hidden_mse: float = 0.0  # weight of the hidden-state MSE term next to KL
     train_norms: bool = False
+    train_scope: str = "blocks"  # "blocks": also every other block parameter (at block_lr) | "deltas": A, B only
+    block_lr: float = 1e-4  # learning rate of the non-delta parameters with train_scope="blocks"
     replace_start: float = 0.3  # replacement probability at step 0 (rises linearly ...)
     replace_end: float = 0.7  # ... to 1 at this fraction of the steps
     save_every: int = 50  # steps between checkpoints of the trainable tensors (with state_dir)
@@ -185,6 +194,12 @@ class DeltaConfig(_DictRoundTrip):
             raise FipsError(f"layout must be sequential or alternating (got {self.layout!r}).")
         if self.init not in ("weighted", "svd"):
             raise FipsError(f"init must be weighted or svd (got {self.init!r}).")
+        if self.anchor_scale not in ("one", "fit"):
+            raise FipsError(f"anchor_scale must be one or fit (got {self.anchor_scale!r}).")
+        if self.train_scope not in ("deltas", "blocks"):
+            raise FipsError(f"train_scope must be deltas or blocks (got {self.train_scope!r}).")
+        if not self.block_lr > 0:
+            raise FipsError(f"block_lr must be > 0 (got {self.block_lr}).")
         if self.delta_rank is not None and self.delta_rank < 1:
             raise FipsError(f"delta_rank must be >= 1 (got {self.delta_rank}).")
         if self.share_size is not None and self.share_size < 2:

@@ -228,6 +228,18 @@ def weighted_spectrum(delta: torch.Tensor, weight: torch.Tensor, factor: torch.T
     return ev, float(w.double().pow(2).sum())
 
 
+def anchor_scale(weight: torch.Tensor, anchor: torch.Tensor, factor: torch.Tensor | None = None) -> float:
+    """The s minimizing ||(W_f - s W_a) S||_F (S = factor, None: identity): <W_f S, W_a S> / ||W_a S||^2.
+
+    Consecutive blocks of a trained LLM are close to uncorrelated (SmolLM2-135M: |s| < 0.02), where
+    DeltaLLM's s = 1 leaves a delta with twice W_f's energy and s ~ 0 one with W_f's own."""
+    f, a = weight.double(), anchor.double()
+    if factor is not None:
+        f, a = f @ factor.double(), a @ factor.double()
+    den = float(a.pow(2).sum())
+    return 0.0 if den <= 0.0 else float((f * a).sum()) / den
+
+
 def lowrank_delta(delta: torch.Tensor, rank: int, factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A (out x r), B (r x in) with A B = the best rank-r approximation of delta in the S-weighted norm.
 

@@ -19,8 +19,8 @@ from torch import nn
 from .adapters import Adapter, block_paths, get_submodule, set_submodule
 from .capture import hooks_removed, linear_input_covariances
 from .config import DeltaConfig
-from .delta_math import (SharingPlan, candidate_plans, choose_plan, covariance_factor, distill_loss, hidden_mse,
-                         lowrank_delta, replacement_probability, spectrum_pairs, weighted_spectrum)
+from .delta_math import (SharingPlan, anchor_scale, candidate_plans, choose_plan, covariance_factor, distill_loss,
+                         hidden_mse, lowrank_delta, replacement_probability, spectrum_pairs, weighted_spectrum)
 from .errors import FipsError
 from .modules import DeltaLinear
 from .train import StateFile, loss_summary, train_loop
@@ -68,7 +68,10 @@ def input_covariances(model, adapter: Adapter, blocks: list[str], names: list[st
 
 # --------------------------------------------------------------------------- planning
 def plan_sharing(model, adapter: Adapter, cfg: DeltaConfig, calibration, log=print):
-    """Candidate plans -> (weighted) spectra of the deltas they need -> the plan of least error."""
+    """Candidate plans -> (weighted) spectra of the deltas they need -> the plan of least error.
+
+    With ``anchor_scale="fit"`` each delta is W_f - s W_a with s = ``delta_math.anchor_scale`` (per
+    anchor, follower and linear, in the same weighted norm), and the plan is chosen on those deltas."""
     blocks = flat_blocks(model, adapter)
     if len(block_paths(model, adapter)) != 1:
         raise FipsError("DeltaLLM shares weights along one list of blocks; this model has several stages.")
@@ -104,22 +107,29 @@ def plan_sharing(model, adapter: Adapter, cfg: DeltaConfig, calibration, log=pri
     def weight(li, j):
         return get_submodule(model, f"{blocks[li]}.{names[j]}").weight.detach().cpu()
 
-    spectra = {}
+    spectra, scales = {}, {}
     for a, f in spectrum_pairs(cands):
         for j in range(len(names)):
-            spectra[(a, f, j)] = weighted_spectrum(weight(f, j) - weight(a, j), weight(f, j), factors[(f, j)])
+            w_f, w_a = weight(f, j), weight(a, j)
+            s = anchor_scale(w_f, w_a, factors[(f, j)]) if cfg.anchor_scale == "fit" else 1.0
+            scales[(a, f, j)] = s
+            spectra[(a, f, j)] = weighted_spectrum(w_f - s * w_a, w_f, factors[(f, j)])
     plan = choose_plan(cands, spectra, len(names))
     table = [{"share_size": c.share_size, "rank": c.rank, "ratio": c.ratio,
               "error": choose_plan([c], spectra, len(names)).error} for c in cands]
-    return plan, {"budget": budget, "names": names, "shapes": shapes, "factors": factors, "candidates": table}
+    used = {(a, f, j): scales[(a, f, j)] for a, fs in plan.units for f in fs for j in range(len(names))}
+    return plan, {"budget": budget, "names": names, "shapes": shapes, "factors": factors, "candidates": table,
+                  "scales": used}
 
 
 @torch.no_grad()
-def install_plan(model, adapter: Adapter, plan: SharingPlan, names: list[str], factors, device) -> dict[int, list]:
+def install_plan(model, adapter: Adapter, plan: SharingPlan, names: list[str], factors, device,
+                 scales: dict | None = None) -> dict[int, list]:
     """Swap every shareable linear of the units for DeltaLinear; returns {follower: [(path, module)]}.
 
     Anchors become rank-0 DeltaLinears that own the shared Parameter (so the checkpoint and the
-    accounting store/count it once); followers get A, B from the weighted truncated SVD of W_f - W_a."""
+    accounting store/count it once); followers get A, B from the weighted truncated SVD of W_f - s W_a
+    (s from ``scales[(anchor, follower, linear)]``, 1 when absent)."""
     blocks = flat_blocks(model, adapter)
     followers: dict[int, list] = {}
     for a, fs in plan.units:
@@ -133,9 +143,10 @@ def install_plan(model, adapter: Adapter, plan: SharingPlan, names: list[str], f
                           DeltaLinear(shared, torch.zeros(out_f, 0, device=device), torch.zeros(0, in_f, device=device), bias))
             for f in fs:
                 lin = get_submodule(model, f"{blocks[f]}.{n}")
-                A, B = lowrank_delta(lin.weight.detach().cpu() - w_a.cpu(), plan.rank_of(f), factors.get((f, j)))
+                s = 1.0 if scales is None else float(scales.get((a, f, j), 1.0))
+                A, B = lowrank_delta(lin.weight.detach().cpu() - s * w_a.cpu(), plan.rank_of(f), factors.get((f, j)))
                 b = lin.bias.detach().to(device) if lin.bias is not None else None
-                mod = DeltaLinear(shared, A.to(device), B.to(device), b)
+                mod = DeltaLinear(shared, A.to(device), B.to(device), b, scale=s)
                 set_submodule(model, f"{blocks[f]}.{n}", mod)
                 followers.setdefault(f, []).append((f"{blocks[f]}.{n}", mod))
     for m in model.modules():
@@ -185,12 +196,14 @@ def _block_outputs(model, paths: list[str], sink: list):
 def distill_train(model, teacher, kind: str, named_params: dict[str, nn.Parameter], batches: list[dict], *,
                   steps: int, lr: float, warmup: int = 10, batch_rows: int = 2, seed: int = 0,
                   device: torch.device, switch: ProgressiveSwitch | None = None, replace=(1.0, 0.0),
+                  second: tuple[set[int], float] | None = None,
                   hidden_weight: float = 0.0, block_paths_: list[str] | None = None,
                   state_file: Path | None = None, save_every: int = 0, resume: bool = False, meta: dict | None = None,
                   progress: bool = False, log=print) -> dict:
     """Distillation to ``teacher``: KL on logits (causal LM) or normalized MSE on outputs, plus an
     optional hidden-state MSE on block outputs. AdamW on ``named_params`` only, by
-    ``fips_rt.train.train_loop``: linear warm-up over ``warmup`` steps, then cosine decay.
+    ``fips_rt.train.train_loop``: linear warm-up over ``warmup`` steps, then cosine decay. ``second`` =
+    (ids of some of ``named_params``, lr): those train at that base rate instead (same schedule).
 
     Every step draws its rows (and its replacement coin flips) from a generator seeded by (seed, step),
     so a run resumed from a saved step continues exactly as the uninterrupted run would."""
@@ -225,7 +238,10 @@ def distill_train(model, teacher, kind: str, named_params: dict[str, nn.Paramete
         return value
 
     def adamw(ps):
-        return torch.optim.AdamW(ps, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        groups = [{"params": [p for p in ps if second is None or id(p) not in second[0]], "lr": lr}]
+        if second is not None:
+            groups.append({"params": [p for p in ps if id(p) in second[0]], "lr": second[1]})
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     state = None if state_file is None else StateFile(state_file, named_params, save_every, meta, resume)
     model.train(False)
     try:
@@ -238,7 +254,16 @@ def distill_train(model, teacher, kind: str, named_params: dict[str, nn.Paramete
 
 
 # --------------------------------------------------------------------------- entry point
-def trainable_params(model, adapter: Adapter, followers: dict[int, list], train_norms: bool) -> dict[str, nn.Parameter]:
+def _scale_summary(scales: dict) -> dict:
+    vals = [abs(v) for v in scales.values()]
+    return {"n": len(vals), "max_abs": max(vals, default=0.0), "mean_abs": sum(vals) / max(len(vals), 1)}
+
+
+def trainable_params(model, adapter: Adapter, followers: dict[int, list], train_norms: bool,
+                     scope: str = "deltas") -> tuple[dict[str, nn.Parameter], set[int]]:
+    """(name -> Parameter, ids of the non-delta ones). scope "deltas": the followers' A, B (+ their norms
+    with ``train_norms``); "blocks": also every other parameter of every block (the shared anchors, the
+    unshared linears, attention, norms; each Parameter once), as block drop's heal trains them."""
     named: dict[str, nn.Parameter] = {}
     for li in sorted(followers):
         for path, mod in followers[li]:
@@ -251,7 +276,16 @@ def trainable_params(model, adapter: Adapter, followers: dict[int, list], train_
                 if "norm" in type(m).__name__.lower():
                     for pn, p in m.named_parameters(recurse=False):
                         named[f"{blocks[li]}.{n}.{pn}"] = p
-    return named
+    others: set[int] = set()
+    if scope == "blocks":
+        seen = {id(p) for p in named.values()}
+        for bp in flat_blocks(model, adapter):
+            for n, p in get_submodule(model, bp).named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    others.add(id(p))
+                    named[f"{bp}.{n}"] = p
+    return named, others
 
 
 def compress_deltallm(model, adapter: Adapter, cfg: DeltaConfig, calibration: list[dict] | None, *,
@@ -271,7 +305,7 @@ def compress_deltallm(model, adapter: Adapter, cfg: DeltaConfig, calibration: li
         for p in teacher.parameters():
             p.requires_grad_(False)
     t_init = time.time()
-    followers = install_plan(model, adapter, plan, info["names"], info["factors"], device)
+    followers = install_plan(model, adapter, plan, info["names"], info["factors"], device, info["scales"])
     init_s = time.time() - t_init
     train = {}
     if cfg.steps > 0:
@@ -281,20 +315,24 @@ def compress_deltallm(model, adapter: Adapter, cfg: DeltaConfig, calibration: li
             state.mkdir(parents=True, exist_ok=True)
             if not resume and (state / STATE_FILE).exists():
                 (state / STATE_FILE).unlink()
-        named = trainable_params(model, adapter, followers, cfg.train_norms)
+        named, others = trainable_params(model, adapter, followers, cfg.train_norms, cfg.train_scope)
         blocks = flat_blocks(model, adapter)
         train = distill_train(model, teacher, adapter.kind, named, calibration, steps=cfg.steps, lr=cfg.lr,
                               warmup=cfg.warmup, batch_rows=cfg.batch, seed=cfg.seed, device=device,
                               switch=ProgressiveSwitch(model, teacher, followers),
                               replace=(cfg.replace_start, cfg.replace_end), hidden_weight=cfg.hidden_mse,
+                              second=(others, cfg.block_lr) if others else None,
                               block_paths_=blocks, state_file=None if state is None else state / STATE_FILE,
                               save_every=cfg.save_every, resume=resume, meta=json.loads(json.dumps(meta)),
                               progress=progress, log=log)
+        train["trainable_params"] = sum(p.numel() for p in named.values())
         del teacher
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return {"method": "deltallm", "budget": info["budget"], "plan": plan.to_dict(), "layout": cfg.layout,
             "shared_linears": info["names"], "candidates": info["candidates"], "init": cfg.init,
+            "anchor_scale": cfg.anchor_scale, "train_scope": cfg.train_scope,
+            "scales": _scale_summary(info["scales"]),
             "init_seconds": init_s, "train": {k: v for k, v in train.items() if k != "losses"},
             "losses": train.get("losses", []), "seconds": time.time() - t0, "device": str(device)}

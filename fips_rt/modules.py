@@ -89,18 +89,27 @@ class FipsLinear(nn.Module):
 
 
 class DeltaLinear(nn.Module):
-    """y = x W_shared^T + (x B^T) A^T + b, with W_shared shared by several blocks (one Parameter)."""
+    """y = s · x W_shared^T + (x B^T) A^T + b, with W_shared shared by several blocks (one Parameter).
 
-    def __init__(self, shared: nn.Parameter, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None):
+    ``scale`` s is a plain float fixed at init: 1 is DeltaLLM's W_a + A B; ``DeltaConfig.anchor_scale="fit"``
+    sets the least-squares s of W_f ~ s W_a (0 skips the shared product)."""
+
+    def __init__(self, shared: nn.Parameter, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: float = 1.0):
         super().__init__()
         self.shared = shared  # registered Parameter, the same object in several modules
         self.A = nn.Parameter(A.contiguous())  # out x r
         self.B = nn.Parameter(B.contiguous())  # r x in
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.scale = float(scale)
         self.out_features, self.in_features = shared.shape
 
     def forward(self, x):
-        y = x @ self.shared.to(x.dtype).T + (x @ self.B.to(x.dtype).T) @ self.A.to(x.dtype).T
+        y = (x @ self.B.to(x.dtype).T) @ self.A.to(x.dtype).T
+        if self.scale == 1.0:
+            y = x @ self.shared.to(x.dtype).T + y
+        elif self.scale != 0.0:
+            y = self.scale * (x @ self.shared.to(x.dtype).T) + y
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @property

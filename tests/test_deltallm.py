@@ -129,7 +129,8 @@ def test_full_rank_init_is_exact(init):
     dense = copy.deepcopy(lm.model)
     ids = _calib(1)[0]["input_ids"]
     ref = _logits(dense, ids)
-    cfg = DeltaConfig(model_budget=None, delta_rank=64, share_size=3, keep_first=1, keep_last=1, steps=0, init=init)
+    cfg = DeltaConfig(model_budget=None, delta_rank=64, share_size=3, keep_first=1, keep_last=1, steps=0, init=init,
+                      anchor_scale="one")
     rep = compress_(lm, cfg, _calib(), device="cpu", log=lambda *a: None)
     assert rep.details["plan"]["units"] == [[1, [2, 3]], [4, []]]
     n_delta = 0
@@ -218,13 +219,29 @@ def test_training_lowers_loss_and_resume_matches(tmp_path, monkeypatch):
                   state_dir=tmp_path / "b", resume=True, log=lambda *a: None)
 
 
-def test_training_reduces_distillation_loss():
-    calib = _calib(6, seq=48)
+def _kl_to_dense(calib, steps, **kw):
+    """KL of the compressed tiny model to its dense original on every calibration row (a fixed set)."""
+    from fips_rt.delta_math import distill_loss
     lm = tiny_model("llama", layers=8)
-    rep = compress_(lm, _train_cfg(steps=30, save_every=0, replace_start=1.0, hidden_mse=0.0, lr=5e-3), calib,
-                    device="cpu", log=lambda *a: None)
-    losses = rep.details["losses"]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    teacher = copy.deepcopy(lm.model)
+    compress_(lm, _train_cfg(steps=steps, save_every=0, replace_start=1.0, hidden_mse=0.0, **kw), calib,
+              device="cpu", log=lambda *a: None)
+    with torch.no_grad():
+        return sum(float(distill_loss(_logits(lm.model, b["input_ids"]), _logits(teacher, b["input_ids"]), "causal_lm"))
+                   for b in calib)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=3e-4),  # the defaults: anchor_scale fit, train_scope blocks
+                                dict(anchor_scale="one", train_scope="deltas", lr=5e-3)])  # the paper's form
+def test_training_reduces_distillation_loss(kw):
+    calib = _calib(6, seq=48)
+    assert _kl_to_dense(calib, 30, **kw) < _kl_to_dense(calib, 0, **kw)
+
+
+def test_fitted_anchor_scale_starts_closer():
+    """Random tiny blocks are uncorrelated, as trained LLM blocks nearly are: s ~ 0 beats s = 1 at init."""
+    calib = _calib(6, seq=48)
+    assert _kl_to_dense(calib, 0) < _kl_to_dense(calib, 0, anchor_scale="one")
 
 
 def test_deltallm_checkpoint_roundtrip(tmp_path):
@@ -283,3 +300,133 @@ def test_smollm2_budget_088_init_only():
     assert c["params"] / c["params_dense"] <= 0.88 + 1e-9
     assert rep.details["plan"]["rank"] >= 1
     assert torch.isfinite(_logits(lm.model, calib[0]["input_ids"])).all()
+
+
+# ----------------------------------------------------------------------------- anchor scale, training scope
+def test_anchor_scale_is_the_weighted_least_squares_scalar():
+    from fips_rt.delta_math import anchor_scale
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    f = 0.37 * a + 0.2 * torch.randn(12, 8, generator=g, dtype=torch.float64)
+    S = torch.linalg.cholesky(torch.eye(8, dtype=torch.float64) + 0.3 * torch.ones(8, 8, dtype=torch.float64))
+    s = anchor_scale(f, a, S)
+
+    def err(x):
+        return float(((f - x * a) @ S).pow(2).sum())
+    for d in (1e-3, -1e-3, 0.1, -0.1):  # a minimum of the (convex) weighted error
+        assert err(s) <= err(s + d)
+    assert anchor_scale(a, a, S) == pytest.approx(1.0)
+    assert anchor_scale(3 * a, a) == pytest.approx(3.0)
+    assert anchor_scale(f, torch.zeros_like(a), S) == 0.0
+    # orthogonal in the weighted norm -> 0: f's rows orthogonal to a's in the S-metric
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    a2 = torch.linalg.solve_triangular(S, q[:, :4].T, upper=False, left=False)  # a2 S = 4 orthonormal rows
+    f2 = torch.linalg.solve_triangular(S, q[:, 4:].T, upper=False, left=False)  # f2 S = the other 4
+    assert abs(anchor_scale(f2, a2, S)) < 1e-12
+
+
+def test_delta_linear_scale_forward():
+    g = torch.Generator().manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(6, 5, generator=g))
+    A, B = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    x = torch.randn(3, 5, generator=g)
+    for s in (1.0, 0.25, 0.0):
+        m = DeltaLinear(W, A, B, None, scale=s)
+        assert torch.allclose(m(x), s * x @ W.T + x @ B.T @ A.T, atol=1e-6)
+    assert torch.equal(DeltaLinear(W, A, B)(x), x @ W.T + (x @ B.T) @ A.T)  # scale 1: the product as before
+
+
+@pytest.mark.parametrize("init", ["weighted", "svd"])
+def test_fit_scale_full_rank_exact_and_recorded(init):
+    lm = tiny_model("llama", layers=6)
+    dense = copy.deepcopy(lm.model)
+    ids = _calib(1)[0]["input_ids"]
+    cfg = DeltaConfig(model_budget=None, delta_rank=64, share_size=3, keep_first=1, keep_last=1, steps=0, init=init,
+                      anchor_scale="fit")
+    rep = compress_(lm, cfg, _calib(), device="cpu", log=lambda *a: None)
+    follow = [(n, m) for n, m in lm.model.named_modules() if isinstance(m, DeltaLinear) and m.rank > 0]
+    assert len(follow) == 6 and rep.details["scales"]["n"] == 6
+    assert all(m.scale != 1.0 for _, m in follow) and rep.details["anchor_scale"] == "fit"
+    assert rep.details["scales"]["max_abs"] == max(abs(m.scale) for _, m in follow)
+    for name, m in follow:
+        W = dict(dense.named_modules())[name].weight
+        assert torch.allclose(m.scale * m.shared + m.A @ m.B, W, atol=2e-5), name
+    assert (_logits(lm.model, ids) - _logits(dense, ids)).abs().max() < 1e-4
+
+
+def test_fit_scale_never_worse_than_one_before_truncation():
+    """At rank 0 of the delta (the shared weight alone) fit's error is at most one's: s=1 is a candidate."""
+    from fips_rt.delta_math import anchor_scale
+    lm = tiny_model("llama", layers=4)
+    layers = lm.model.model.layers
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        wa, wf = getattr(layers[1].mlp, name).weight.double(), getattr(layers[2].mlp, name).weight.double()
+        s = anchor_scale(wf, wa)
+        assert (wf - s * wa).norm() <= (wf - wa).norm() + 1e-12
+
+
+def test_fit_scale_checkpoint_roundtrip_and_schema(tmp_path):
+    from fips_rt.errors import CheckpointError
+    lm = tiny_model("llama", layers=8)
+    rep = compress_(lm, _train_cfg(steps=2, save_every=0, anchor_scale="fit"), _calib(), device="cpu",
+                    log=lambda *a: None)
+    path = save_checkpoint(tmp_path / "model.pt", lm, "deltallm", rep.config, rep.to_dict())
+    back = load_checkpoint(path)
+    ids = _calib(1, seed=3)[0]["input_ids"]
+    assert (_logits(back.model, ids) - _logits(lm.model, ids)).abs().max() <= 1e-5
+    got = {n: m.scale for n, m in back.model.named_modules() if isinstance(m, DeltaLinear)}
+    want = {n: m.scale for n, m in lm.model.named_modules() if isinstance(m, DeltaLinear)}
+    assert got == want and any(v != 1.0 for v in got.values())
+    obj = torch.load(path, weights_only=True)
+    recs = obj["header"]["structure"]["delta_linears"]
+    assert all(("scale" in r) == (r["rank"] > 0) for r in recs)  # anchors (scale 1) keep the old record
+    for bad in (float("nan"), float("inf"), True, "0.5", 1e9):
+        o = copy.deepcopy(obj)
+        next(r for r in o["header"]["structure"]["delta_linears"] if "scale" in r)["scale"] = bad
+        torch.save(o, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match="scale"):
+            load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_train_scope_blocks_trains_every_block_parameter_once():
+    import fips_rt.deltallm as D
+    calib = _calib(6)
+    lm = tiny_model("llama", layers=8)
+    before = copy.deepcopy(lm.model.state_dict())
+    rep = compress_(lm, _train_cfg(steps=3, save_every=0, train_scope="blocks", block_lr=1e-3), calib, device="cpu",
+                    log=lambda *a: None)
+    blocks = D.flat_blocks(lm.model, lm.adapter)
+    unique = {id(p): p for bp in blocks for p in D.get_submodule(lm.model, bp).parameters()}
+    assert rep.details["train"]["trainable_params"] == sum(p.numel() for p in unique.values())
+    after = lm.model.state_dict()
+    anchors = [n for n, m in lm.model.named_modules() if isinstance(m, DeltaLinear) and m.rank == 0]
+    assert any(not torch.equal(before[f"{a}.weight"], after[f"{a}.shared"]) for a in anchors)  # anchors trained
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # embedding frozen
+    # deltas-only keeps them
+    lm2 = tiny_model("llama", layers=8)
+    rep2 = compress_(lm2, _train_cfg(steps=3, save_every=0, train_scope="deltas"), calib, device="cpu",
+                     log=lambda *a: None)
+    assert rep2.details["train"]["trainable_params"] < rep.details["train"]["trainable_params"]
+    assert torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
+                       lm2.model.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_block_lr_is_a_second_group():
+    """The non-delta parameters train at block_lr: with a tiny block_lr they barely move."""
+    calib = _calib(6)
+    lm = tiny_model("llama", layers=8)
+    before = copy.deepcopy(lm.model.state_dict())
+    compress_(lm, _train_cfg(steps=3, save_every=0, train_scope="blocks", block_lr=1e-12, lr=1e-2), calib,
+              device="cpu", log=lambda *a: None)
+    after = lm.model.state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (after[q] - before[q]).abs().max() < 1e-9
+
+
+def test_anchor_scale_and_scope_validation():
+    for kw in ({"anchor_scale": "two"}, {"train_scope": "all"}, {"block_lr": 0.0}):
+        with pytest.raises(FipsError):
+            DeltaConfig(**kw)
+    cfg = DeltaConfig(anchor_scale="fit", train_scope="blocks", block_lr=3e-4)
+    assert config_from_dict("deltallm", cfg.to_dict()) == cfg

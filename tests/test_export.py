@@ -399,3 +399,31 @@ def test_parity_deltallm_engine_checkpoint(tmp_path):
                  and np.array_equal(onnx.numpy_helper.to_array(t), W.numpy())]
         assert len(names) == 1
         assert len(consumers(out)[names[0]]) >= 2
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_parity_deltallm_fitted_anchor_scale(tmp_path, zero):
+    """anchor_scale='fit': s·(x W_a) + low-rank; s = 0 exports the low-rank product alone."""
+    import torch
+    from fips_rt import DeltaConfig, compress_
+    from fips_rt.checkpoint import save_checkpoint
+    from fips_rt.modules import DeltaLinear
+    from fips_rt.testing import tiny_model
+    lm = tiny_model("llama", layers=6)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2, anchor_scale="fit")
+    compress_(lm, cfg, calib, log=lambda *a: None)
+    follow = [m for m in lm.model.modules() if isinstance(m, DeltaLinear) and m.rank > 0]
+    assert follow and all(m.scale != 1.0 for m in follow)
+    if zero:
+        for m in follow:
+            m.scale = 0.0
+    ckpt = tmp_path / "delta.pt"
+    save_checkpoint(ckpt, lm, "deltallm", cfg.to_dict())
+    report, out = run_export(str(ckpt), tmp_path)
+    assert report.method == "deltallm" and report.passed and report.max_abs() <= 1e-4, report.table()
+    graph = onnx.load(str(out), load_external_data=False).graph
+    gemm_shared = [n for n in graph.node if n.op_type in ("Gemm", "MatMul") and any("delta.shared" in i for i in n.input)]
+    anchors = [m for m in lm.model.modules() if isinstance(m, DeltaLinear) and m.rank == 0]
+    # every anchor multiplies by its shared weight; a follower too unless its s is 0
+    assert len(gemm_shared) == len(anchors) + (0 if zero else len(follow))
