@@ -686,8 +686,8 @@ PRESETS = {p.name: p for p in [Preset(
            "batch, then {rows} random row(s) of it; warm-up global_steps // 20 = {warm} steps); deltallm and "
            "drop-heal run fips_rt.deltallm.distill_train ({rows} random row(s) of the {calib_rows}; warm-up "
            "distill_warmup = {distill_warmup} steps). What "
-           "is trained differs by method: FiPS U, V and MLP biases; the SVD factors; the DeltaLLM deltas "
-           "(progressive replacement); every parameter of the blocks drop-heal keeps. deltallm and drop-heal run "
+           "is trained differs by method: FiPS U, V and MLP biases; the SVD factors; DeltaLLM's deltas and every "
+           "block parameter, at one rate (train_scope=blocks; progressive replacement); every parameter of the blocks drop-heal keeps. deltallm and drop-heal run "
            "at the fips-global row's whole-model parameters (drop-heal: whole blocks, at or below it); svd-global "
            "at the same MLP budget (its per-linear rank floor(p d d_ff / (d + d_ff)) lands slightly below).",
            "Perplexity ratios are to the dense model on the same windows: the wiki articles and the WordNet "
