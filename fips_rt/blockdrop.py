@@ -126,7 +126,7 @@ def heal_(model, teacher, batches: list[dict], steps: int, lr: float, *, adapter
     """Distill ``teacher`` (the dense model) into the dropped model: same loss (KL on logits), sampler
     and lr schedule as DeltaLLM. Trainable: every parameter of the remaining blocks (attention, MLP,
     norms); embeddings and the LM head stay frozen, as in DeltaLLM."""
-    from .deltallm import distill_train
+    from .deltallm import block_parameters, distill_train
     module, _ = _module_and_lm(model)
     t_module, _ = _module_and_lm(teacher)
     adapter = adapter or adapter_for(module)
@@ -135,10 +135,7 @@ def heal_(model, teacher, batches: list[dict], steps: int, lr: float, *, adapter
     t_module.to(device).eval()
     for p in t_module.parameters():
         p.requires_grad_(False)
-    named = {}
-    for bp in [bp for stage in block_paths(module, adapter) for bp in stage]:
-        for n, p in get_submodule(module, bp).named_parameters():
-            named[f"{bp}.{n}"] = p
+    named = block_parameters(module, adapter)
     out = distill_train(module, t_module, adapter.kind, named, batches, steps=steps, lr=lr, warmup=warmup,
                         batch_rows=batch_rows, seed=seed, device=device, progress=progress, log=log)
     module.eval()

@@ -259,6 +259,19 @@ def _scale_summary(scales: dict) -> dict:
     return {"n": len(vals), "max_abs": max(vals, default=0.0), "mean_abs": sum(vals) / max(len(vals), 1)}
 
 
+def block_parameters(model, adapter: Adapter) -> dict[str, nn.Parameter]:
+    """Every parameter of every block (attention, MLP, norms), each Parameter once (a shared anchor under its
+    first name): what block drop's heal and DeltaLLM's train_scope="blocks" train."""
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for bp in flat_blocks(model, adapter):
+        for n, p in get_submodule(model, bp).named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"{bp}.{n}"] = p
+    return out
+
+
 def trainable_params(model, adapter: Adapter, followers: dict[int, list], train_norms: bool,
                      scope: str = "deltas") -> tuple[dict[str, nn.Parameter], set[int]]:
     """(name -> Parameter, ids of the non-delta ones). scope "deltas": the followers' A, B (+ their norms
@@ -279,12 +292,10 @@ def trainable_params(model, adapter: Adapter, followers: dict[int, list], train_
     others: set[int] = set()
     if scope == "blocks":
         seen = {id(p) for p in named.values()}
-        for bp in flat_blocks(model, adapter):
-            for n, p in get_submodule(model, bp).named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    others.add(id(p))
-                    named[f"{bp}.{n}"] = p
+        for name, p in block_parameters(model, adapter).items():
+            if id(p) not in seen:
+                others.add(id(p))
+                named[name] = p
     return named, others
 
 
