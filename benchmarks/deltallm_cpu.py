@@ -52,14 +52,23 @@ def main() -> int:
     ap.add_argument("--split", choices=["test", "validation"], default="test",
                     help="evaluation windows: wiki test (report) or validation (choose settings)")
     ap.add_argument("--lr", type=float, default=_D.lr, help="DeltaLLM: the deltas' lr")
-    ap.add_argument("--heal-lr", type=float, default=1e-4, help="block-drop heal lr (all block params)")
+    ap.add_argument("--heal-lr", type=float, default=3e-4,
+                    help="block-drop heal lr (all block params); chosen on the validation split: 1e-4 29.00, "
+                         "3e-4 28.99, 1e-3 40.64 (dense 21.55)")
     ap.add_argument("--anchor-scale", choices=["one", "fit"], default=_D.anchor_scale,
                     help="DeltaConfig.anchor_scale: W_f = W_a + AB (one) or s W_a + AB, s fitted (fit)")
     ap.add_argument("--train-scope", choices=["deltas", "blocks"], default=_D.train_scope,
                     help="DeltaConfig.train_scope: the deltas only, or every block parameter too (at --block-lr)")
     ap.add_argument("--block-lr", type=float, default=_D.block_lr, help="with --train-scope blocks")
-    ap.add_argument("--share-attention", action="store_true", help="DeltaConfig.share_attention")
-    ap.add_argument("--skip", default="", help="comma list of rows to skip: init, blockdrop (exploration runs)")
+    ap.add_argument("--share-attention", action=argparse.BooleanOptionalAction, default=_D.share_attention,
+                    help="DeltaConfig.share_attention")
+    ap.add_argument("--layout", choices=["sequential", "alternating", "influence"], default=_D.layout,
+                    help="DeltaConfig.layout")
+    ap.add_argument("--residual-init", choices=["fit", "zero"], default=_D.residual_init,
+                    help="DeltaConfig.residual_init")
+    ap.add_argument("--replace-start", type=float, default=0.3,
+                    help="DeltaConfig.replace_start (progressive replacement; 1: followers always compressed)")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: init, deltallm, blockdrop (exploration runs)")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deltallm_cpu"))
     args = ap.parse_args()
@@ -98,13 +107,13 @@ def main() -> int:
 
     def delta_cfg(steps):
         return DeltaConfig(model_budget=args.model_budget, steps=steps, lr=args.lr, batch=args.batch, warmup=4,
-                           replace_start=0.3, replace_end=0.5, save_every=0, anchor_scale=args.anchor_scale,
-                           train_scope=args.train_scope, block_lr=args.block_lr,
-                           share_attention=args.share_attention)
+                           replace_start=args.replace_start, replace_end=0.5, save_every=0,
+                           anchor_scale=args.anchor_scale, train_scope=args.train_scope, block_lr=args.block_lr,
+                           share_attention=args.share_attention, layout=args.layout, residual_init=args.residual_init)
 
     skip = {x for x in args.skip.split(",") if x}
-    if skip - {"init", "blockdrop"}:
-        ap.error(f"--skip: unknown rows {sorted(skip - {'init', 'blockdrop'})}")
+    if skip - {"init", "deltallm", "blockdrop"}:
+        ap.error(f"--skip: unknown rows {sorted(skip - {'init', 'deltallm', 'blockdrop'})}")
 
     # DeltaLLM, (weighted) SVD init only
     rep0 = None
@@ -120,18 +129,20 @@ def main() -> int:
         del lm0
 
     # DeltaLLM, trained
-    lm1 = copy.deepcopy(base)
-    t = time.time()
-    rep1 = compress_(lm1, delta_cfg(args.steps), calib, device="cpu")
-    timings["deltallm_train_total_s"] = time.time() - t
-    c1 = count_model(lm1.model, lm1.adapter)
-    plan = rep1.details["plan"]
-    losses = rep1.details["losses"]
-    evaluate("deltallm-trained", lm1.model, c1["params"],
-             {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-              "trainable": rep1.details["train"].get("trainable_params"),
-              "anchor_scales": rep1.details["scales"]})
-    del lm1
+    rep1, plan, losses = rep0, (rep0.details["plan"] if rep0 else None), []
+    if "deltallm" not in skip:
+        lm1 = copy.deepcopy(base)
+        t = time.time()
+        rep1 = compress_(lm1, delta_cfg(args.steps), calib, device="cpu")
+        timings["deltallm_train_total_s"] = time.time() - t
+        c1 = count_model(lm1.model, lm1.adapter)
+        plan = rep1.details["plan"]
+        losses = rep1.details["losses"]
+        evaluate("deltallm-trained", lm1.model, c1["params"],
+                 {"loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+                  "trainable": rep1.details["train"].get("trainable_params"),
+                  "anchor_scales": rep1.details["scales"]})
+        del lm1
 
     # ShortGPT block drop (+ heal with the same steps x rows)
     h = {"losses": []}
@@ -155,7 +166,7 @@ def main() -> int:
                        "test_tokens": sum(b["input_ids"].numel() for b in test),
                        "train_tokens_per_run": args.steps * args.batch * args.seq_len,
                        "split": f"wiki train (calibration/training) / wiki {args.split} (perplexity)"},
-              "plan": plan, "candidates": rep1.details["candidates"], "rows": rows, "timings": timings,
+              "plan": plan, "candidates": rep1.details["candidates"] if rep1 else None, "rows": rows, "timings": timings,
               "deltallm_losses": losses, "heal_losses": h["losses"]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,22 +179,25 @@ def main() -> int:
           f"({args.calib_rows} x {args.seq_len}); training {args.steps} steps x {args.batch} rows x "
           f"{args.seq_len} tokens = {result['data']['train_tokens_per_run']} tokens per run (both methods); "
           f"perplexity on {result['data']['test_tokens']} wiki-{args.split} tokens ({args.test_rows} windows x {args.seq_len}).",
-          "", f"DeltaLLM plan: share size {plan['share_size']} ({'sequential'}), rank {plan['rank']} "
-          f"(+1 on {len(plan['bumped'])} blocks), units {plan['units']}; anchor scale {args.anchor_scale} "
-          f"(|s| max {rep1.details['scales']['max_abs']:.4f}, mean {rep1.details['scales']['mean_abs']:.4f} over "
-          f"{rep1.details['scales']['n']} follower linears), train scope {args.train_scope}"
-          f"{f' (block lr {args.block_lr:g})' if args.train_scope == 'blocks' else ''}, delta lr {args.lr:g}"
-          f"{', attention shared too' if args.share_attention else ''}.", "",
-          "| model | params | params / dense | test ppl | ppl / dense |", "|---|---|---|---|---|"]
+          "", (f"DeltaLLM plan: share size {plan['share_size']} ({args.layout}), rank {plan['rank']} "
+               f"(+1 on {len(plan['bumped'])} blocks), units {plan['units']}; anchor scale {args.anchor_scale} "
+               f"(|s| max {rep1.details['scales']['max_abs']:.4f}, mean {rep1.details['scales']['mean_abs']:.4f} over "
+               f"{rep1.details['scales']['n']} follower linears), residual init {args.residual_init}, train scope "
+               f"{args.train_scope}{f' (block lr {args.block_lr:g})' if args.train_scope == 'blocks' else ''}, "
+               f"delta lr {args.lr:g}, replacement from {args.replace_start:g}"
+               f"{', attention shared too' if args.share_attention else ''}." if rep1 else "DeltaLLM: not run."),
+          f"Block drop + heal: heal lr {args.heal_lr:g}." if "blockdrop" not in skip else "Block drop: not run.", "",
+          f"| model | params | params / dense | {args.split} ppl | ppl / dense |", "|---|---|---|---|---|"]
     d = rows[0]["test_ppl"]
     for r in rows:
         md.append(f"| {r['model']} | {r['params']:,} | {r['ratio']:.4f} | {r['test_ppl']:.2f} | {r['test_ppl'] / d:.2f}x |")
     md += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    trained = next(r for r in rows if r["model"] == "deltallm-trained")
+    trained = next((r for r in rows if r["model"] == "deltallm-trained"), None)
     init = next((r for r in rows if r["model"] == "deltallm-init"), None)
-    ok = abs(trained["ratio"] - args.model_budget) <= 0.005 and (init is None or trained["test_ppl"] < init["test_ppl"])
+    ok = trained is None or (abs(trained["ratio"] - args.model_budget) <= 0.005
+                             and (init is None or trained["test_ppl"] < init["test_ppl"]))
     return 0 if ok else 1
 
 

@@ -41,12 +41,12 @@ one ``fips demo``, on a CPU (``--device`` to change it):
   settings match are kept; failed rows are retried), so the background job can be ended at any time. Delete
   the JSON to start over.
 - Learning rates: ``--select-lr`` runs each trained method's grid (fips-global global_lr, svd-global svd_lr,
-  drop-heal heal_lr: 3e-5, 1e-4, 3e-4, 1e-3 -- 1e-3 added when 3e-4 won at the edge; deltallm delta_lr (= its block_lr):
-  3e-5, 1e-4, 3e-4) at MLP budget 0.7 on the
+  drop-heal heal_lr: 3e-5, 1e-4, 3e-4, 1e-3 -- 1e-3 added when 3e-4 won at the edge; deltallm delta_lr: 3e-4,
+  1e-3, 3e-3, its block_lr fixed at 1e-4, both chosen on benchmarks/deltallm_cpu.py's validation split) at MLP budget 0.7 on the
   VALIDATION split (wiki validation + the WordNet validation half, 16 x 512 each), resumably, method by
   method. The test-split run then takes, per method, the grid LR with the lowest wiki-validation ratio from
   quality_smollm2_cpu_lr.json -- once that method's whole grid is there and its rows were made with the same
-  settings -- and otherwise the defaults (1e-4 each); every row records its LR and where it came
+  settings -- and otherwise the defaults (1e-4 each; deltallm 1e-3); every row records its LR and where it came
   from (``lr``, ``lr_source``; the .md says selected/default). A row whose LR changed is rerun.
 - Each row also records its build and evaluation seconds, its CPU seconds, the load average at its start and
   end, and the CPU seconds other processes used meanwhile (the busiest named); the .md has the CPU model,
@@ -117,7 +117,8 @@ class Settings:
     distill_rows: int = 0  # calibration rows per distillation step (0: calib_batch)
     global_lr: float = 1e-4
     svd_lr: float = 1e-4
-    delta_lr: float = 1e-4  # deltallm: the deltas' lr and its block_lr (train_scope='blocks')
+    delta_lr: float = 1e-3  # deltallm: the deltas' lr (DeltaConfig.lr)
+    delta_block_lr: float = 1e-4  # deltallm: every other block parameter's (DeltaConfig.block_lr)
     heal_lr: float = 1e-4
     distill_warmup: int = 10  # deltallm, drop-heal (fips.train_global warms up over global_steps // 20)
     # Basis Sharing: layers per shared gate/up basis
@@ -270,7 +271,7 @@ def delta_config(ctx: Context, budget: float):
     from fips_rt.config import DeltaConfig
     S = ctx.S
     return DeltaConfig(model_budget=fips_model_budget(ctx, budget), steps=S.global_steps, lr=S.delta_lr,
-                       block_lr=S.delta_lr, batch=distill_rows(S), warmup=S.distill_warmup, save_every=0, seed=S.seed)
+                       block_lr=S.delta_block_lr, batch=distill_rows(S), warmup=S.distill_warmup, save_every=0, seed=S.seed)
 
 
 def build_fips(ctx: Context, budget: float, local: bool, distill: bool):
@@ -395,10 +396,12 @@ METHODS = {m.name: m for m in [
            None,
            "Basis Sharing: gate and up bases whitened-SVD-shared by 2 adjacent layers, down per layer; "
            "training-free"),
-    Method("deltallm", LM_ONLY, FIPS_F + DISTILL_F + ("delta_lr",), build_deltallm,
+    Method("deltallm", LM_ONLY, FIPS_F + DISTILL_F + ("delta_lr", "delta_block_lr"), build_deltallm,
            lambda c, b: delta_config(c, b).to_dict(),
-           "DeltaLLM: shared MLP weights + low-rank deltas, weighted init, progressive-replacement "
-           "distillation (fips_rt.deltallm.distill_train); whole-model params = the FiPS row's", "delta_lr"),
+           "DeltaLLM (the library's defaults): the least influential blocks follow their nearest block, every "
+           "linear shared + a low-rank delta, the residual writers started at zero (so training starts at the "
+           "block-drop model), progressive-replacement distillation (fips_rt.deltallm.distill_train); "
+           "whole-model params = the FiPS row's", "delta_lr"),
     Method("drop-heal", LM_ONLY, FIPS_F + DISTILL_F + ("heal_lr",), build_drop_heal, None,
            "ShortGPT block drop to the FiPS row's whole-model params, healed by the same distillation budget "
            "(fips_rt.blockdrop.heal_: every parameter of the remaining blocks trained)", "heal_lr"),
@@ -664,7 +667,7 @@ _CPU = Settings(budgets=(0.5, 0.7, 0.9), calib_rows=32, seq_len=512, calib_batch
                 eval_batch=4, eval_ood="wordnet", group_size=4, square_u=True, refit="after", refit_rounds=2,
                 selection="obs",
                 steps=0, global_steps=60, distill_rows=1, distill_warmup=3, global_lr=1e-4, svd_lr=1e-4,
-                heal_lr=1e-4, delta_lr=1e-4)
+                heal_lr=1e-4, delta_lr=1e-3, delta_block_lr=1e-4)
 PRESETS = {p.name: p for p in [Preset(
     name="cpu", model="smollm2", settings=_CPU,
     smoke=dataclasses.replace(_CPU, budgets=(0.5,), calib_rows=4, seq_len=128, calib_batch=2, eval_windows=2,
@@ -672,7 +675,7 @@ PRESETS = {p.name: p for p in [Preset(
     methods=("fips-global", "svd-global", "drop-heal", "deltallm"),
     lr_budget=0.7,
     lr_grid={"fips-global": (3e-5, 1e-4, 3e-4), "svd-global": (3e-5, 1e-4, 3e-4), "drop-heal": (3e-5, 1e-4, 3e-4, 1e-3),
-             "deltallm": (3e-5, 1e-4, 3e-4)},
+             "deltallm": (3e-4, 1e-3, 3e-3)},
     about={"fips-global": "the `fips demo` recipe: groups of 4 consecutive MLPs share a dense U (whitened init), V's "
                           "sparsity per budget such that the rank equals d = 576 (U square; square_u_sparsity), "
                           "V's kept entries by second-order saliency (selection=obs), "
@@ -687,7 +690,8 @@ PRESETS = {p.name: p for p in [Preset(
            "drop-heal run fips_rt.deltallm.distill_train ({rows} random row(s) of the {calib_rows}; warm-up "
            "distill_warmup = {distill_warmup} steps). What "
            "is trained differs by method: FiPS U, V and MLP biases; the SVD factors; DeltaLLM's deltas and every "
-           "block parameter, at one rate (train_scope=blocks; progressive replacement); every parameter of the blocks drop-heal keeps. deltallm and drop-heal run "
+           "block parameter (train_scope=blocks, at delta_block_lr; progressive replacement; the followers are the blocks "
+           "drop-heal would drop, started at the identity); every parameter of the blocks drop-heal keeps. deltallm and drop-heal run "
            "at the fips-global row's whole-model parameters (drop-heal: whole blocks, at or below it); svd-global "
            "at the same MLP budget (its per-linear rank floor(p d d_ff / (d + d_ff)) lands slightly below).",
            "Perplexity ratios are to the dense model on the same windows: the wiki articles and the WordNet "

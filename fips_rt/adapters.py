@@ -21,23 +21,30 @@ class Adapter:
     mlp_chain: tuple[str, ...]  # submodules of a block applied in order: x -> MLP output
     linears: tuple[tuple[str, str], ...]  # (path in block, "in" | "out")
     notes: str = ""
+    # linears of a block (paths in the block) whose outputs are added to the residual stream: the attention
+    # output and the MLP output projection. DeltaLLM's residual_init="zero" starts their deltas at zero.
+    residual_out: tuple[str, ...] = ()
 
 
 LLAMA_LINEARS = (("mlp.gate_proj", "in"), ("mlp.up_proj", "in"), ("mlp.down_proj", "out"))
+LLAMA_RESIDUAL_OUT = ("self_attn.o_proj", "mlp.down_proj")
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llama", "causal-lm",
             ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"),
-            ("model.layers",), ("mlp",), LLAMA_LINEARS, "Llama, Qwen2, Mistral, SmolLM (Llama architecture)"),
+            ("model.layers",), ("mlp",), LLAMA_LINEARS, "Llama, Qwen2, Mistral, SmolLM (Llama architecture)",
+            LLAMA_RESIDUAL_OUT),
     Adapter("gemma2", "causal-lm", ("Gemma2ForCausalLM",), ("model.layers",), ("mlp",), LLAMA_LINEARS,
-            "Gemma-2: pre/post feed-forward norms sit outside the MLP and stay dense"),
+            "Gemma-2: pre/post feed-forward norms sit outside the MLP and stay dense", LLAMA_RESIDUAL_OUT),
     Adapter("bert", "encoder", ("BertModel", "RobertaModel", "XLMRobertaModel"),
             ("encoder.layer",), ("intermediate", "output.dense"),
-            (("intermediate.dense", "in"), ("output.dense", "out")), "BERT-style encoders"),
+            (("intermediate.dense", "in"), ("output.dense", "out")), "BERT-style encoders",
+            ("attention.output.dense", "output.dense")),
     Adapter("vit", "vit", ("VisionTransformer", "VisionTransformerDistilled"), ("blocks",), ("mlp",),
-            (("mlp.fc1", "in"), ("mlp.fc2", "out")), "timm ViT / DeiT"),
+            (("mlp.fc1", "in"), ("mlp.fc2", "out")), "timm ViT / DeiT", ("attn.proj", "mlp.fc2")),
     Adapter("swin", "vit", ("SwinTransformer",), ("layers.*.blocks",), ("mlp",),
-            (("mlp.fc1", "in"), ("mlp.fc2", "out")), "timm Swin: groups stay within a stage"),
+            (("mlp.fc1", "in"), ("mlp.fc2", "out")), "timm Swin: groups stay within a stage",
+            ("attn.proj", "mlp.fc2")),
 )
 
 

@@ -138,7 +138,8 @@ METHOD_ONLY_OPTIONS = {
              "global_batch", "global_seq_len", "global_norms", "sequential", "refit", "refit_rounds", "refit_u",
              "refit_ridge", "refit_iters", "refit_target", "onload", "activation_memory_gb", "distributed",
              "dist_timeout"),
-    "deltallm": ("delta_rank", "layout", "keep_first", "keep_last", "anchor_scale", "train_scope", "block_lr"),
+    "deltallm": ("delta_rank", "layout", "keep_first", "keep_last", "anchor_scale", "residual_init", "share_attention",
+                 "train_scope", "block_lr"),
 }
 METHOD_NAMES = {"fips": "FiPS", "deltallm": "DeltaLLM"}
 SHARED_OPTIONS = ("model", "method", "mlp_budget", "model_budget", "calib", "images", "calib_tokens", "seq_len", "steps",
@@ -189,7 +190,7 @@ def _refuse_other_methods_options(ctx: click.Context | None, method: str) -> Non
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True,
               help="FiPS: local steps per group; DeltaLLM: distillation steps.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="FiPS: local-step learning rate (default 1e-3); DeltaLLM: the deltas' (default 1e-4).")
+              help="FiPS: local-step learning rate (default 1e-3); DeltaLLM: the deltas' (default 1e-3).")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="FiPS: tokens per local step.")
 @click.option("--global-steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -202,17 +203,27 @@ def _refuse_other_methods_options(ctx: click.Context | None, method: str) -> Non
 @click.option("--global-norms/--no-global-norms", default=None,
               help="FiPS: distillation also trains the norm weights (default: U, V, MLP biases only).")
 @click.option("--delta-rank", type=click.IntRange(min=1), default=None, help="DeltaLLM: rank (default: from budget).")
-@click.option("--layout", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True,
-              help="DeltaLLM: anchor first in its unit, or in the middle.")
+@click.option("--layout", type=click.Choice(["sequential", "alternating", "influence"]), default=None,
+              help="DeltaLLM: which blocks follow which anchor: units of consecutive blocks with the anchor first "
+                   "(sequential) or in the middle (alternating), or the least influential blocks, those block drop "
+                   "removes, each following its nearest other block (influence, the default).")
 @click.option("--keep-first", type=click.IntRange(min=0), default=2, show_default=True,
               help="DeltaLLM: first blocks left unshared.")
 @click.option("--keep-last", type=click.IntRange(min=0), default=2, show_default=True,
               help="DeltaLLM: last blocks left unshared.")
 @click.option("--anchor-scale", type=click.Choice(["one", "fit"]), default=None,
-              help="DeltaLLM: W_f = W_a + A B (one, the paper's; default) or W_f = s W_a + A B with s fitted by "
-                   "least squares per linear (fit; s = 0 skips the shared product).")
+              help="DeltaLLM: W_f = W_a + A B (one, the paper's) or W_f = s W_a + A B with s fitted by "
+                   "least squares per linear (fit, the default; s = 0 skips the shared product).")
+@click.option("--residual-init", type=click.Choice(["fit", "zero"]), default=None,
+              help="DeltaLLM: the deltas of the linears that write to the residual stream (attention output, MLP "
+                   "down) from the SVD fit (fit) or zero with s = 0 (zero: a follower block starts as the identity, "
+                   "i.e. at the block-drop model, and training grows it; the default).")
+@click.option("--share-attention/--no-share-attention", default=None,
+              help="DeltaLLM: followers share (and add deltas to) the attention linears too, not only the MLP's "
+                   "(default: on).")
 @click.option("--train-scope", type=click.Choice(["deltas", "blocks"]), default=None,
-              help="DeltaLLM: train the deltas only (default) or every block parameter as well (--block-lr).")
+              help="DeltaLLM: train the deltas only, or every block parameter as well at --block-lr (blocks, the "
+                   "default).")
 @click.option("--block-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="DeltaLLM: learning rate of the non-delta parameters with --train-scope blocks (default 1e-4).")
 @click.option("--sequential/--teacher-forcing", default=None,
@@ -252,7 +263,7 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
              keep_last, global_batch, sequential, refit, refit_rounds, refit_u, refit_ridge, refit_iters, refit_target,
              eval_tokens, device, checkpoint, out, resume, seed, quiet, global_seq_len=None, global_norms=None,
              onload="auto", activation_memory_gb=None, distributed=False, dist_timeout=1800.0, keep_state=False,
-             anchor_scale=None, train_scope=None, block_lr=None):
+             anchor_scale=None, train_scope=None, block_lr=None, residual_init=None, share_attention=None):
     """Compress MODEL and write a checkpoint.
 
     MODEL: a built-in name (smollm2-135m, minilm-l6), a local Hugging Face folder, a .gguf file, or
@@ -297,10 +308,12 @@ def compress(model, method, mlp_budget, model_budget, group_size, groups, sparsi
                              if v is not None})
     else:
         cfg = DeltaConfig(model_budget=model_budget if (mlp_budget or model_budget) else 0.88, mlp_budget=mlp_budget,
-                          delta_rank=delta_rank, layout=layout, keep_first=keep_first, keep_last=keep_last,
+                          delta_rank=delta_rank, keep_first=keep_first, keep_last=keep_last,
                           steps=steps, seed=seed,
-                          **{k: v for k, v in dict(lr=lr, anchor_scale=anchor_scale, train_scope=train_scope,
-                                                   block_lr=block_lr).items() if v is not None})
+                          **{k: v for k, v in dict(lr=lr, layout=layout, anchor_scale=anchor_scale,
+                                                   residual_init=residual_init, share_attention=share_attention,
+                                                   train_scope=train_scope, block_lr=block_lr).items()
+                             if v is not None})
     from .distributed import env_requests_distributed
     distributed = distributed or env_requests_distributed()
     if method == "fips" and _use_onload(model, onload, distributed):

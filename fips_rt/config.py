@@ -141,13 +141,18 @@ class FipsConfig(_DictRoundTrip):
 
 @dataclass(frozen=True)
 class DeltaConfig(_DictRoundTrip):
-    """DeltaLLM: consecutive blocks share MLP weights; each non-anchor block adds a low-rank delta A·B.
+    """DeltaLLM: follower blocks share an anchor block's weights; each adds a low-rank delta A·B.
 
     W_f = s·W_a + A·B, s fitted per linear by weighted least squares (``anchor_scale="fit"``, the default:
-    consecutive blocks are nearly uncorrelated, so s is small and the delta need not cancel W_a first);
-    ``anchor_scale="one"`` is the paper's W_a + A·B. The distillation trains A, B at ``lr`` and, with
-    ``train_scope="blocks"`` (the default), every other block parameter at ``block_lr``, as block drop's
-    heal does; ``"deltas"`` trains A, B only (the paper). Measured effects: docs/deltallm.md.
+    a trained LLM's blocks are nearly uncorrelated, so s is small and the delta need not cancel W_a first);
+    ``anchor_scale="one"`` is the paper's W_a + A·B. The defaults: the followers are the least influential
+    blocks (``layout="influence"``, the blocks block drop would remove), every linear is shared
+    (``share_attention``), and the linears that write to the residual stream start at zero
+    (``residual_init="zero"``), so training starts from the block-drop model and grows the deltas. The
+    distillation trains A, B at ``lr`` and, with ``train_scope="blocks"`` (the default), every other block
+    parameter at ``block_lr``, as block drop's heal does; ``"deltas"`` trains A, B only (the paper). The
+    paper's form: ``layout="sequential", share_attention=False, anchor_scale="one", residual_init="fit",
+    train_scope="deltas"``. Measured effects: docs/deltallm.md.
 
     Budget: ``model_budget`` (fraction of whole-model parameters kept) or ``mlp_budget`` (fraction of
     MLP parameters kept). Without ``delta_rank``/``share_size`` the solver picks the share size and the
@@ -159,19 +164,25 @@ class DeltaConfig(_DictRoundTrip):
     model_budget: float | None = 0.88
     mlp_budget: float | None = None
     delta_rank: int | None = None  # None: chosen from the budget
-    layout: str = "sequential"  # "sequential" (anchor first in its unit) | "alternating" (anchor in the middle)
+    # "sequential" (anchor first in its unit) | "alternating" (anchor in the middle) | "influence" (followers:
+    # the least influential blocks, those block drop removes; each shares the nearest other block's weights)
+    layout: str = "influence"
     share_size: int | None = None  # blocks per sharing unit (anchor + followers); None: from the budget
     max_share_size: int = 8  # largest unit the solver tries
     keep_first: int = 2
     keep_last: int = 2
-    share_attention: bool = False  # also share q/k/v/o (every other linear of the block)
+    share_attention: bool = True  # also share q/k/v/o (every other linear of the block); False: the MLP only
     init: str = "weighted"  # "weighted" (activation-weighted truncated SVD of the delta) | "svd" (plain)
     anchor_scale: str = "fit"  # "fit": W_f = s W_a + A B, s by weighted least squares | "one": W_a + A B (the paper)
+    # "fit": every delta from the (weighted) SVD of W_f - s W_a | "zero": the linears that write to the residual
+    # stream (Adapter.residual_out: attention output, MLP down) start at s = 0 and A = 0, so a pre-norm follower
+    # block starts as the identity (the block-drop model) and training grows its deltas from there
+    residual_init: str = "zero"
     ridge: float = 1e-2  # ridge on the normalized input covariance before Cholesky
     budget_tol: float = 0.005  # params / params_dense must lie in [budget - tol, budget]
     # distillation with progressive module replacement
     steps: int = 200
-    lr: float = 1e-4  # the deltas' (A, B) learning rate
+    lr: float = 1e-3  # the deltas' (A, B) learning rate
     warmup: int = 10
     batch: int = 2  # calibration rows (sequences) per training step
     hidden_mse: float = 0.0  # weight of the hidden-state MSE term next to KL
@@ -190,8 +201,10 @@ class DeltaConfig(_DictRoundTrip):
             if self.delta_rank is None or self.share_size is None:
                 raise FipsError("Give a budget (model_budget or mlp_budget), or both delta_rank and share_size.")
         _settle_budgets(self)
-        if self.layout not in ("sequential", "alternating"):
-            raise FipsError(f"layout must be sequential or alternating (got {self.layout!r}).")
+        if self.layout not in ("sequential", "alternating", "influence"):
+            raise FipsError(f"layout must be sequential, alternating or influence (got {self.layout!r}).")
+        if self.residual_init not in ("fit", "zero"):
+            raise FipsError(f"residual_init must be fit or zero (got {self.residual_init!r}).")
         if self.init not in ("weighted", "svd"):
             raise FipsError(f"init must be weighted or svd (got {self.init!r}).")
         if self.anchor_scale not in ("one", "fit"):

@@ -14,7 +14,7 @@ import torch
 
 from .errors import FipsError
 
-LAYOUTS = ("sequential", "alternating")
+LAYOUTS = ("sequential", "alternating")  # consecutive units; "influence" plans come from influence_plan
 
 Unit = tuple[int, tuple[int, ...]]  # (anchor layer, follower layers that reuse the anchor's weights)
 Shape = tuple[int, int]  # (out, in) of one shareable linear of a block
@@ -152,6 +152,61 @@ def candidate_plans(n_layers: int, shapes: Sequence[Shape], params_dense: int, *
                 continue
         out.append(SharingPlan(units, k, r, p, params_dense, bumped))
     return out
+
+
+def influence_units(cosines: Sequence[float], n_followers: int, keep_first: int, keep_last: int) -> list[Unit]:
+    """The ``n_followers`` blocks of least influence (highest input/output cosine, ShortGPT's criterion: the
+    blocks block drop removes first), outside the kept first/last blocks, each following the nearest block
+    that is not a follower (ties: the earlier one). Units sorted by anchor, followers ascending."""
+    n = len(cosines)
+    free = [i for i in range(keep_first, n - keep_last)]
+    if not 1 <= n_followers < n or n_followers > len(free):
+        raise FipsError(f"{n_followers} followers do not fit {n} blocks with keep_first={keep_first}, "
+                        f"keep_last={keep_last}.")
+    followers = sorted(sorted(free, key=lambda i: (-cosines[i], i))[:n_followers])
+    others = [i for i in range(n) if i not in set(followers)]
+    anchor = {f: min(others, key=lambda a: (abs(a - f), a)) for f in followers}
+    return [(a, tuple(f for f in followers if anchor[f] == a)) for a in sorted(set(anchor.values()))]
+
+
+def influence_plan(cosines: Sequence[float], shapes: Sequence[Shape], params_dense: int, *, budget: float | None,
+                   keep_first: int, keep_last: int, rank: int | None = None, n_followers: int | None = None,
+                   tol: float = 0.005) -> SharingPlan:
+    """A plan whose followers are the least influential blocks (``influence_units``).
+
+    Without ``n_followers``: the fewest followers for which rank ``rank`` (or 1) meets the budget, i.e.
+    the blocks block drop would remove at the budget less the deltas' cost; then the largest rank
+    that fits (unless ``rank`` is given), with rank + 1 on as many followers as still fit."""
+    n = len(cosines)
+    target = None if budget is None else budget * params_dense
+    if n_followers is None:
+        if target is None:
+            raise FipsError("Give a budget or the number of followers.")
+        n_followers = next((k for k in range(1, n - keep_first - keep_last + 1)
+                            if plan_params(params_dense, k, shapes, rank or 1) <= target), None)
+        if n_followers is None:
+            raise FipsError(f"No number of delta blocks reaches the budget {budget:.3f}.")
+    units = tuple(influence_units(cosines, n_followers, keep_first, keep_last))
+    followers = delta_blocks(units)
+    share_size = max(len(fs) + 1 for _, fs in units)
+    bumped: tuple[int, ...] = ()
+    if rank is None:
+        if target is None:
+            raise FipsError("Give a budget or a delta rank.")
+        rank = rank_for_target(params_dense, len(followers), shapes, target)
+        if rank < 1:
+            raise FipsError(f"{len(followers)} delta blocks leave no room for rank 1 within the budget {budget:.3f}.")
+        p = plan_params(params_dense, len(followers), shapes, rank)
+        inc = delta_cost(shapes, rank + 1) - delta_cost(shapes, rank)
+        extra = 0 if inc <= 0 else min(len(followers) - 1, int((target - p) // inc))
+        bumped = tuple(followers[:extra])
+        p += extra * max(inc, 0)
+    else:
+        p = plan_params(params_dense, len(followers), shapes, rank)
+    if target is not None and not (target - tol * params_dense <= p <= target + tol * params_dense):
+        raise FipsError(f"{len(followers)} delta blocks at rank {rank} give {p / params_dense:.4f} of the dense "
+                        f"parameters, not within {tol} of the budget {budget:.3f}.")
+    return SharingPlan(units, share_size, rank, p, params_dense, bumped)
 
 
 def plan_error(plan: SharingPlan, spectra: Mapping[tuple[int, int, int], tuple[torch.Tensor, float]],

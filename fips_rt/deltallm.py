@@ -20,7 +20,7 @@ from .adapters import Adapter, block_paths, get_submodule, set_submodule
 from .capture import hooks_removed, linear_input_covariances
 from .config import DeltaConfig
 from .delta_math import (SharingPlan, anchor_scale, candidate_plans, choose_plan, covariance_factor, distill_loss,
-                         hidden_mse, lowrank_delta, replacement_probability, spectrum_pairs, weighted_spectrum)
+                         hidden_mse, influence_plan, lowrank_delta, replacement_probability, spectrum_pairs, weighted_spectrum)
 from .errors import FipsError
 from .modules import DeltaLinear
 from .train import StateFile, loss_summary, train_loop
@@ -86,9 +86,17 @@ def plan_sharing(model, adapter: Adapter, cfg: DeltaConfig, calibration, log=pri
         budget = (dense - mlp + cfg.mlp_budget * mlp) / dense
     else:
         budget = None
-    cands = candidate_plans(len(blocks), shapes, dense, budget=budget, keep_first=cfg.keep_first,
-                            keep_last=cfg.keep_last, layout=cfg.layout, share_size=cfg.share_size,
-                            rank=cfg.delta_rank, max_share_size=cfg.max_share_size, tol=cfg.budget_tol)
+    if cfg.layout == "influence":
+        if not calibration:
+            raise FipsError("DeltaLLM's influence layout needs calibration data to score the blocks.")
+        from .blockdrop import block_cosines
+        cands = [influence_plan(block_cosines(model, adapter, calibration), shapes, dense, budget=budget,
+                                keep_first=cfg.keep_first, keep_last=cfg.keep_last, rank=cfg.delta_rank,
+                                tol=cfg.budget_tol)]
+    else:
+        cands = candidate_plans(len(blocks), shapes, dense, budget=budget, keep_first=cfg.keep_first,
+                                keep_last=cfg.keep_last, layout=cfg.layout, share_size=cfg.share_size,
+                                rank=cfg.delta_rank, max_share_size=cfg.max_share_size, tol=cfg.budget_tol)
     if not cands:
         hint = "" if cfg.delta_rank is None else f" with delta_rank={cfg.delta_rank} (drop --delta-rank to solve it)"
         raise FipsError(f"No {cfg.layout} sharing pattern reaches the budget {budget:.3f} within "
@@ -107,11 +115,15 @@ def plan_sharing(model, adapter: Adapter, cfg: DeltaConfig, calibration, log=pri
     def weight(li, j):
         return get_submodule(model, f"{blocks[li]}.{names[j]}").weight.detach().cpu()
 
+    zero = residual_zero(adapter, names) if cfg.residual_init == "zero" else set()
     spectra, scales = {}, {}
     for a, f in spectrum_pairs(cands):
         for j in range(len(names)):
             w_f, w_a = weight(f, j), weight(a, j)
-            s = anchor_scale(w_f, w_a, factors[(f, j)]) if cfg.anchor_scale == "fit" else 1.0
+            if j in zero:
+                s = 0.0
+            else:
+                s = anchor_scale(w_f, w_a, factors[(f, j)]) if cfg.anchor_scale == "fit" else 1.0
             scales[(a, f, j)] = s
             spectra[(a, f, j)] = weighted_spectrum(w_f - s * w_a, w_f, factors[(f, j)])
     plan = choose_plan(cands, spectra, len(names))
@@ -119,17 +131,27 @@ def plan_sharing(model, adapter: Adapter, cfg: DeltaConfig, calibration, log=pri
               "error": choose_plan([c], spectra, len(names)).error} for c in cands]
     used = {(a, f, j): scales[(a, f, j)] for a, fs in plan.units for f in fs for j in range(len(names))}
     return plan, {"budget": budget, "names": names, "shapes": shapes, "factors": factors, "candidates": table,
-                  "scales": used}
+                  "scales": used, "zero": zero}
+
+
+def residual_zero(adapter: Adapter, names: list[str]) -> set[int]:
+    """Indices into ``names`` of the shared linears that write to the residual stream (Adapter.residual_out)."""
+    if not adapter.residual_out:
+        raise FipsError(f"residual_init='zero' needs the {adapter.family} adapter to name the linears that write "
+                        "to the residual stream; it names none.")
+    return {j for j, n in enumerate(names) if n in adapter.residual_out}
 
 
 @torch.no_grad()
 def install_plan(model, adapter: Adapter, plan: SharingPlan, names: list[str], factors, device,
-                 scales: dict | None = None) -> dict[int, list]:
+                 scales: dict | None = None, zero: set[int] = frozenset()) -> dict[int, list]:
     """Swap every shareable linear of the units for DeltaLinear; returns {follower: [(path, module)]}.
 
     Anchors become rank-0 DeltaLinears that own the shared Parameter (so the checkpoint and the
     accounting store/count it once); followers get A, B from the weighted truncated SVD of W_f - s W_a
-    (s from ``scales[(anchor, follower, linear)]``, 1 when absent)."""
+    (s from ``scales[(anchor, follower, linear)]``, 1 when absent). Linears in ``zero`` (indices into
+    ``names``) start with A = 0 (their B from that SVD, the input directions A learns on): their delta is
+    zero, and with s = 0 so is their output."""
     blocks = flat_blocks(model, adapter)
     followers: dict[int, list] = {}
     for a, fs in plan.units:
@@ -145,6 +167,8 @@ def install_plan(model, adapter: Adapter, plan: SharingPlan, names: list[str], f
                 lin = get_submodule(model, f"{blocks[f]}.{n}")
                 s = 1.0 if scales is None else float(scales.get((a, f, j), 1.0))
                 A, B = lowrank_delta(lin.weight.detach().cpu() - s * w_a.cpu(), plan.rank_of(f), factors.get((f, j)))
+                if j in zero:
+                    A = torch.zeros_like(A)
                 b = lin.bias.detach().to(device) if lin.bias is not None else None
                 mod = DeltaLinear(shared, A.to(device), B.to(device), b, scale=s)
                 set_submodule(model, f"{blocks[f]}.{n}", mod)
@@ -316,7 +340,8 @@ def compress_deltallm(model, adapter: Adapter, cfg: DeltaConfig, calibration: li
         for p in teacher.parameters():
             p.requires_grad_(False)
     t_init = time.time()
-    followers = install_plan(model, adapter, plan, info["names"], info["factors"], device, info["scales"])
+    followers = install_plan(model, adapter, plan, info["names"], info["factors"], device, info["scales"],
+                             info["zero"])
     init_s = time.time() - t_init
     train = {}
     if cfg.steps > 0:
@@ -343,7 +368,7 @@ def compress_deltallm(model, adapter: Adapter, cfg: DeltaConfig, calibration: li
         p.requires_grad_(False)
     return {"method": "deltallm", "budget": info["budget"], "plan": plan.to_dict(), "layout": cfg.layout,
             "shared_linears": info["names"], "candidates": info["candidates"], "init": cfg.init,
-            "anchor_scale": cfg.anchor_scale, "train_scope": cfg.train_scope,
+            "anchor_scale": cfg.anchor_scale, "residual_init": cfg.residual_init, "train_scope": cfg.train_scope,
             "scales": _scale_summary(info["scales"]),
             "init_seconds": init_s, "train": {k: v for k, v in train.items() if k != "losses"},
             "losses": train.get("losses", []), "seconds": time.time() - t0, "device": str(device)}

@@ -25,6 +25,10 @@ SMOL_LAYERS = 30
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# consecutive units of MLP-only deltas fitted at init (the paper's structure; the defaults pick followers by
+# influence and start them at the identity, tested at the end of this file)
+UNITS = dict(layout="sequential", share_attention=False, residual_init="fit")
+
 
 def _calib(n=4, seq=32, vocab=256, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +134,7 @@ def test_full_rank_init_is_exact(init):
     ids = _calib(1)[0]["input_ids"]
     ref = _logits(dense, ids)
     cfg = DeltaConfig(model_budget=None, delta_rank=64, share_size=3, keep_first=1, keep_last=1, steps=0, init=init,
-                      anchor_scale="one")
+                      anchor_scale="one", **UNITS)
     rep = compress_(lm, cfg, _calib(), device="cpu", log=lambda *a: None)
     assert rep.details["plan"]["units"] == [[1, [2, 3]], [4, []]]
     n_delta = 0
@@ -148,7 +152,7 @@ def test_full_rank_init_is_exact(init):
 
 def test_budget_met_on_tiny_model():
     lm = tiny_model("llama", layers=8)
-    cfg = DeltaConfig(model_budget=0.85, keep_first=1, keep_last=1, steps=0)
+    cfg = DeltaConfig(model_budget=0.85, keep_first=1, keep_last=1, steps=0, **UNITS)
     rep = compress_(lm, cfg, _calib(), device="cpu", log=lambda *a: None)
     c = count_model(lm.model, lm.adapter)
     assert 0.85 - 0.005 <= c["params"] / c["params_dense"] <= 0.85 + 1e-9
@@ -160,11 +164,11 @@ def test_budget_met_on_tiny_model():
 def test_share_attention_budget():
     lm = tiny_model("llama", layers=8)
     dense = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
-    cfg = DeltaConfig(model_budget=0.8, keep_first=1, keep_last=1, steps=0, share_attention=True)
+    cfg = DeltaConfig(model_budget=0.8, keep_first=1, keep_last=1, steps=0, **{**UNITS, "share_attention": True})
     rep = compress_(lm, cfg, _calib(), device="cpu", log=lambda *a: None)
     assert "self_attn.q_proj" in rep.details["shared_linears"]
     c = count_model(lm.model, lm.adapter)
-    # count_model's params_dense assumes non-MLP weights unchanged: compare with the true dense count
+    assert c["params_dense"] == dense  # the shared attention linears count as dense there
     assert 0.8 - 0.005 <= c["params"] / dense <= 0.8 + 1e-9
     assert c["params"] == rep.details["plan"]["params"]
     assert torch.isfinite(_logits(lm.model, _calib(1)[0]["input_ids"])).all()
@@ -172,7 +176,7 @@ def test_share_attention_budget():
 
 def _train_cfg(**kw):
     base = dict(model_budget=0.85, keep_first=1, keep_last=1, steps=6, lr=1e-2, warmup=1, batch=2,
-                save_every=2, replace_start=0.2, replace_end=0.5, hidden_mse=0.1)
+                save_every=2, replace_start=0.2, replace_end=0.5, hidden_mse=0.1, **UNITS)
     base.update(kw)
     return DeltaConfig(**base)
 
@@ -342,7 +346,7 @@ def test_fit_scale_full_rank_exact_and_recorded(init):
     dense = copy.deepcopy(lm.model)
     ids = _calib(1)[0]["input_ids"]
     cfg = DeltaConfig(model_budget=None, delta_rank=64, share_size=3, keep_first=1, keep_last=1, steps=0, init=init,
-                      anchor_scale="fit")
+                      anchor_scale="fit", **UNITS)
     rep = compress_(lm, cfg, _calib(), device="cpu", log=lambda *a: None)
     follow = [(n, m) for n, m in lm.model.named_modules() if isinstance(m, DeltaLinear) and m.rank > 0]
     assert len(follow) == 6 and rep.details["scales"]["n"] == 6
@@ -429,4 +433,79 @@ def test_anchor_scale_and_scope_validation():
         with pytest.raises(FipsError):
             DeltaConfig(**kw)
     cfg = DeltaConfig(anchor_scale="fit", train_scope="blocks", block_lr=3e-4)
+    assert config_from_dict("deltallm", cfg.to_dict()) == cfg
+
+
+# ----------------------------------------------------------------------------- influence layout, identity start
+def test_influence_units_pick_the_most_redundant_blocks_and_the_nearest_anchor():
+    from fips_rt.delta_math import influence_units
+    cos = [0.1, 0.9, 0.95, 0.2, 0.3, 0.97, 0.96, 0.1]
+    # keep_first=1 excludes block 0; the 3 most redundant of 1..6 are 5, 6, 2
+    units = influence_units(cos, 3, keep_first=1, keep_last=1)
+    assert units == [(1, (2,)), (4, (5,)), (7, (6,))]  # 2: 1 and 3 equally near, the earlier; 5: 4; 6: 7
+    # ties between two equally near anchors go to the earlier block
+    assert influence_units([0.0, 1.0, 0.0], 1, 0, 0) == [(0, (1,))]
+    with pytest.raises(FipsError):
+        influence_units(cos, 7, keep_first=1, keep_last=1)
+
+
+def test_influence_plan_meets_the_budget_with_the_fewest_followers():
+    from fips_rt.delta_math import influence_plan
+    cos = [0.5 + 0.01 * i for i in range(SMOL_LAYERS)]
+    shapes = SMOL_SHAPES
+    plan = influence_plan(cos, shapes, SMOL_PARAMS, budget=0.88, keep_first=2, keep_last=2)
+    assert 0.875 <= plan.ratio <= 0.88
+    k = len(plan.delta_layers)
+    assert plan_params(SMOL_PARAMS, k - 1, shapes, 1) > 0.88 * SMOL_PARAMS  # one follower fewer cannot reach it
+    assert plan.rank >= 1 and plan_params(SMOL_PARAMS, k, shapes, plan.rank + 1) > 0.88 * SMOL_PARAMS
+    # the most redundant blocks (highest cosine, here the last ones before keep_last) follow
+    assert plan.delta_layers == list(range(SMOL_LAYERS - 2 - k, SMOL_LAYERS - 2))
+    fixed = influence_plan(cos, shapes, SMOL_PARAMS, budget=None, keep_first=2, keep_last=2, rank=8, n_followers=4)
+    assert fixed.rank == 8 and len(fixed.delta_layers) == 4 and fixed.params == plan_params(SMOL_PARAMS, 4, shapes, 8)
+
+
+def test_residual_zero_start_is_exactly_block_drop():
+    """layout='influence' + residual_init='zero' + every linear shared: each follower block starts as the
+    identity, so the model's logits at init are those of the block-dropped model (pre-norm Llama)."""
+    from fips_rt.blockdrop import block_cosines, remove_blocks_
+    lm = tiny_model("llama", layers=8)
+    calib = _calib(4)
+    cfg = DeltaConfig(model_budget=0.8, keep_first=1, keep_last=1, steps=0, share_attention=True,
+                      layout="influence", residual_init="zero")
+    fresh = copy.deepcopy(lm)
+    rep = compress_(lm, cfg, calib, device="cpu", log=lambda *a: None)
+    fol = sorted(f for _, fs in rep.details["plan"]["units"] for f in fs)
+    # the followers are the blocks block drop removes first
+    cos = block_cosines(fresh.model, fresh.adapter, calib)
+    assert fol == sorted(sorted(range(1, 7), key=lambda i: -cos[i])[:len(fol)])
+    remove_blocks_(fresh.model, fresh.adapter, fol)
+    ids = _calib(1, seed=7)[0]["input_ids"]
+    assert (_logits(lm.model, ids) - _logits(fresh.model, ids)).abs().max() < 1e-5
+    # and the residual writers' deltas are zero with s = 0, the others are not
+    for f in fol:
+        block = lm.model.model.layers[f]
+        assert block.mlp.down_proj.scale == 0.0 and block.mlp.down_proj.A.abs().max() == 0
+        assert block.self_attn.o_proj.scale == 0.0 and block.self_attn.o_proj.A.abs().max() == 0
+        assert block.mlp.gate_proj.A.abs().max() > 0
+    c = count_model(lm.model, lm.adapter)
+    assert c["params"] == rep.details["plan"]["params"]
+
+
+def test_residual_zero_trains_away_from_the_drop_point():
+    lm = tiny_model("llama", layers=8)
+    calib = _calib(4)
+    cfg = _train_cfg(model_budget=0.8, share_attention=True, layout="influence", residual_init="zero", steps=4,
+                     save_every=0, replace_start=1.0, hidden_mse=0.0)
+    compress_(lm, cfg, calib, device="cpu", log=lambda *a: None)
+    downs = [m for n, m in lm.model.named_modules() if n.endswith("down_proj") and isinstance(m, DeltaLinear)
+             and m.rank > 0]
+    assert downs and all(m.A.abs().max() > 0 for m in downs)  # A = 0 at init has a gradient through B
+
+
+def test_residual_init_and_layout_validation():
+    with pytest.raises(FipsError, match="residual_init"):
+        DeltaConfig(residual_init="none")
+    with pytest.raises(FipsError, match="layout"):
+        DeltaConfig(layout="random")
+    cfg = DeltaConfig(layout="influence", residual_init="zero")
     assert config_from_dict("deltallm", cfg.to_dict()) == cfg

@@ -386,7 +386,8 @@ def test_parity_deltallm_engine_checkpoint(tmp_path):
     from fips_rt.testing import tiny_model
     lm = tiny_model("llama", layers=6)
     calib = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)]
-    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2)
+    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2, layout="sequential",
+                      share_attention=False, residual_init="fit")
     compress_(lm, cfg, calib, log=lambda *a: None)
     ckpt = tmp_path / "delta.pt"
     save_checkpoint(ckpt, lm, "deltallm", cfg.to_dict())
@@ -401,6 +402,27 @@ def test_parity_deltallm_engine_checkpoint(tmp_path):
         assert len(consumers(out)[names[0]]) >= 2
 
 
+def test_parity_deltallm_defaults(tmp_path):
+    """The default plan: followers chosen by influence, every linear shared (attention too), the residual
+    writers started at zero with s = 0, then trained: exported and equal to the engine's forward."""
+    import torch
+    from fips_rt import DeltaConfig, compress_
+    from fips_rt.checkpoint import save_checkpoint
+    from fips_rt.modules import DeltaLinear
+    from fips_rt.testing import tiny_model
+    lm = tiny_model("llama", layers=6)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2, lr=1e-2,
+                      replace_start=1.0)
+    compress_(lm, cfg, calib, log=lambda *a: None)
+    o_projs = [m for n, m in lm.model.named_modules() if n.endswith("o_proj") and isinstance(m, DeltaLinear) and m.rank]
+    assert o_projs and all(m.scale == 0.0 and m.A.abs().max() > 0 for m in o_projs)  # trained away from zero
+    ckpt = tmp_path / "delta.pt"
+    save_checkpoint(ckpt, lm, "deltallm", cfg.to_dict())
+    report, out = run_export(str(ckpt), tmp_path)
+    assert report.method == "deltallm" and report.passed and report.max_abs() <= 1e-4, report.table()
+
+
 @pytest.mark.parametrize("zero", [False, True])
 def test_parity_deltallm_fitted_anchor_scale(tmp_path, zero):
     """anchor_scale='fit': s·(x W_a) + low-rank; s = 0 exports the low-rank product alone."""
@@ -411,7 +433,8 @@ def test_parity_deltallm_fitted_anchor_scale(tmp_path, zero):
     from fips_rt.testing import tiny_model
     lm = tiny_model("llama", layers=6)
     calib = [{"input_ids": torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(i))} for i in range(4)]
-    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2, anchor_scale="fit")
+    cfg = DeltaConfig(mlp_budget=0.7, model_budget=None, keep_first=1, keep_last=1, steps=2, anchor_scale="fit",
+                      layout="sequential", share_attention=False, residual_init="fit")
     compress_(lm, cfg, calib, log=lambda *a: None)
     follow = [m for m in lm.model.modules() if isinstance(m, DeltaLinear) and m.rank > 0]
     assert follow and all(m.scale != 1.0 for m in follow)

@@ -249,7 +249,8 @@ def _run_stages() -> dict:
         mlp_budget=0.5, group_size=2, steps=3, lr=1e-2, batch_tokens=32, sparsity=0.5, global_steps=5,
         global_lr=3e-3, global_batch=0), _bert_calib())
     dcfg = DeltaConfig(model_budget=0.85, keep_first=1, keep_last=1, steps=7, lr=1e-2, warmup=2, batch=2,
-                       anchor_scale="one", train_scope="deltas",
+                       anchor_scale="one", train_scope="deltas", layout="sequential", share_attention=False,
+                       residual_init="fit",
                        save_every=2, replace_start=0.2, replace_end=0.5, hidden_mse=0.1, train_norms=True)
     with tempfile.TemporaryDirectory() as td:
         lm = tiny_model("llama", layers=8)
@@ -275,7 +276,8 @@ def _run_stages() -> dict:
         res["deltallm_resumed"] = (rep["losses"], _fingerprint(lm.model))
     lm = tiny_model("bert", layers=6)
     rep = compress_(lm, DeltaConfig(model_budget=0.9, keep_first=1, keep_last=1, steps=5, lr=1e-2, warmup=1,
-                                    anchor_scale="one", train_scope="deltas",
+                                    anchor_scale="one", train_scope="deltas", layout="sequential",
+                                    share_attention=False, residual_init="fit",
                                     replace_start=1.0, replace_end=0.0), _bert_calib(), device="cpu", **QUIET).details
     res["deltallm_bert"] = (rep["losses"], _fingerprint(lm.model))
     lm = tiny_model("llama", layers=6)
