@@ -42,9 +42,12 @@ one ``fips demo``, on a CPU (``--device`` to change it):
   the JSON to start over.
 - Learning rates: ``--select-lr`` runs each trained method's grid (fips-global global_lr, svd-global svd_lr,
   drop-heal heal_lr: 3e-5, 1e-4, 3e-4, 1e-3 -- 1e-3 added when 3e-4 won at the edge; deltallm delta_lr: 3e-4,
-  1e-3, 3e-3, its block_lr fixed at 1e-4, both chosen on benchmarks/deltallm_cpu.py's validation split) at MLP budget 0.7 on the
+  1e-3, 3e-3, its block_lr = delta_lr / 10, the ratio chosen on benchmarks/deltallm_cpu.py's validation split)
+  at MLP budget 0.7 on the
   VALIDATION split (wiki validation + the WordNet validation half, 16 x 512 each), resumably, method by
-  method. The test-split run then takes, per method, the grid LR with the lowest wiki-validation ratio from
+  method. When a method's best LR sits at its grid's edge, one more LR one step past that edge is run, and so
+  on, at most two beyond the preset's grid (``next_grid_lr``; the grid the JSON records then includes them).
+  The test-split run then takes, per method, the grid LR with the lowest wiki-validation ratio from
   quality_smollm2_cpu_lr.json -- once that method's whole grid is there and its rows were made with the same
   settings -- and otherwise the defaults (1e-4 each; deltallm 1e-3); every row records its LR and where it came
   from (``lr``, ``lr_source``; the .md says selected/default). A row whose LR changed is rerun.
@@ -118,7 +121,7 @@ class Settings:
     global_lr: float = 1e-4
     svd_lr: float = 1e-4
     delta_lr: float = 1e-3  # deltallm: the deltas' lr (DeltaConfig.lr)
-    delta_block_lr: float = 1e-4  # deltallm: every other block parameter's (DeltaConfig.block_lr)
+    delta_block_lr: float = 1e-4  # deltallm: every other block parameter's (DeltaConfig.block_lr); LR grids: delta_lr / 10
     heal_lr: float = 1e-4
     distill_warmup: int = 10  # deltallm, drop-heal (fips.train_global warms up over global_steps // 20)
     # Basis Sharing: layers per shared gate/up basis
@@ -360,6 +363,14 @@ class Method:
     config: Callable | None  # (ctx, budget) -> the config dict it runs with (recorded; part of the resume key)
     about: str
     lr_field: str | None = None  # the Settings field of its distillation learning rate (--select-lr)
+    lr_follow: tuple[tuple[str, float], ...] = ()  # Settings fields set to factor x that LR when a grid sets it
+
+
+def lr_overrides(method: str, lr: float) -> tuple[tuple[str, float], ...]:
+    """The Settings overrides that give ``method`` the learning rate ``lr``: its lr_field, and the fields that
+    follow it (Method.lr_follow; rounded to 6 significant digits so that 1e-3 x 0.1 is 1e-4)."""
+    m = METHODS[method]
+    return ((m.lr_field, lr),) + tuple((g, float(f"{lr * k:.6g}")) for g, k in m.lr_follow)
 
 
 LM_ONLY, BOTH = ("causal-lm",), ("causal-lm", "encoder")
@@ -401,7 +412,7 @@ METHODS = {m.name: m for m in [
            "DeltaLLM (the library's defaults): the least influential blocks follow their nearest block, every "
            "linear shared + a low-rank delta, the residual writers started at zero (so training starts at the "
            "block-drop model), progressive-replacement distillation (fips_rt.deltallm.distill_train); "
-           "whole-model params = the FiPS row's", "delta_lr"),
+           "whole-model params = the FiPS row's", "delta_lr", (("delta_block_lr", 0.1),)),
     Method("drop-heal", LM_ONLY, FIPS_F + DISTILL_F + ("heal_lr",), build_drop_heal, None,
            "ShortGPT block drop to the FiPS row's whole-model params, healed by the same distillation budget "
            "(fips_rt.blockdrop.heal_: every parameter of the remaining blocks trained)", "heal_lr"),
@@ -700,28 +711,55 @@ PRESETS = {p.name: p for p in [Preset(
 )]}
 
 
+def grid_rows(ctx: Context, method: str, budget: float, rows: list[dict]) -> dict[float, dict]:
+    """{lr: row} of ``method``'s finished LR-grid rows at ``budget`` that were made with ``ctx``'s settings on
+    the validation split (each row's recorded settings equal what this run would record for it)."""
+    f = METHODS[method].lr_field
+    vctx = dataclasses.replace(ctx, split="validation")
+    ok = {}
+    for r in rows:
+        if r["method"] != method or "error" in r or r.get("lr") is None or r["budget"] != budget or "ppl_ratio" not in r:
+            continue
+        sctx = dataclasses.replace(vctx, S=dataclasses.replace(ctx.S, **dict(lr_overrides(method, r["lr"]))))
+        if r.get("settings") == row_settings(sctx, method, budget):
+            ok[r["lr"]] = r
+    return ok
+
+
+def next_grid_lr(grid: list[float], ratios: dict[float, float], base: tuple[float, ...] | None = None,
+                 max_extra: int = 2) -> float | None:
+    """The learning rate to add to a grid whose best (lowest ratio) sits at an edge: one step beyond that edge,
+    the step being the ratio between the edge and its neighbour (3e-4 after 3e-5, 1e-4; 1e-3 after 1e-4, 3e-4).
+    None when the best is inside the grid, a grid LR has no ratio yet, the grid has fewer than two LRs, or
+    ``max_extra`` LRs beyond ``base`` (the preset's own grid; None: ``grid``) were added already."""
+    g = sorted(set(grid))
+    extra = set(g) - set(g if base is None else base)
+    if len(g) < 2 or any(lr not in ratios for lr in g) or len(extra) >= max_extra:
+        return None
+    best = min(g, key=lambda lr: ratios[lr])
+    if best == g[0]:
+        return float(f"{g[0] * g[0] / g[1]:.3g}")
+    if best == g[-1]:
+        return float(f"{g[-1] * g[-1] / g[-2]:.3g}")
+    return None
+
+
 def chosen_lrs(ctx: Context, preset: Preset, lr_path: Path, methods: list[str]) -> dict[str, dict]:
     """Per trained method, the learning rate of the test-split run and where it came from: the grid LR with
-    the lowest wiki-validation ratio in ``lr_path`` once the method's whole grid is there, made with this
-    run's settings (each row's recorded settings must equal what this run would record for it on the
-    validation split); else the setting's default."""
+    the lowest wiki-validation ratio in ``lr_path`` once the method's whole grid is there (the grid the file
+    records: the preset's, plus the LRs --select-lr added past an edge), made with this run's settings
+    (``grid_rows``); else the setting's default."""
     data = json.loads(lr_path.read_text()) if lr_path.is_file() else None
     budget = (data or {}).get("lr_budget", preset.lr_budget)
-    vctx = dataclasses.replace(ctx, split="validation")
     out = {}
     for m in methods:
         f = METHODS[m].lr_field
         if f is None:
             continue
         default = getattr(ctx.S, f)
-        grid = tuple(preset.lr_grid.get(m, ()))
-        ok = {}
-        for r in (data or {}).get("rows", []):
-            if r["method"] != m or "error" in r or r.get("lr") is None or r["budget"] != budget or "ppl_ratio" not in r:
-                continue
-            sctx = dataclasses.replace(vctx, S=dataclasses.replace(ctx.S, **{f: r["lr"]}))
-            if r.get("settings") == row_settings(sctx, m, budget):
-                ok[r["lr"]] = r
+        recorded = ((data or {}).get("lr_grid") or {}).get(m) or ()
+        grid = tuple(sorted(set(preset.lr_grid.get(m, ())) | set(recorded)))
+        ok = grid_rows(ctx, m, budget, (data or {}).get("rows", []))
         if data is None:
             src = f"the default (no {lr_path.name})"
         elif not grid or any(lr not in ok for lr in grid):
@@ -748,10 +786,10 @@ def preset_jobs(ctx: Context, preset: Preset, methods: list[str], budgets: list[
             if f is None or m not in preset.lr_grid:
                 continue
             grids[m] = list(preset.lr_grid[m])
-            jobs += [Job(m, b, f"lr={lr:g}", ((f, lr),), "grid") for b in budgets for lr in preset.lr_grid[m]]
+            jobs += [Job(m, b, f"lr={lr:g}", lr_overrides(m, lr), "grid") for b in budgets for lr in preset.lr_grid[m]]
         return jobs, {"lr_budget": budgets[0], "lr_grid": grids}
     lrs = chosen_lrs(ctx, preset, lr_path, methods)
-    jobs = [Job(m, b, "", ((lrs[m]["field"], lrs[m]["lr"]),) if m in lrs else (), lrs.get(m, {}).get("source"))
+    jobs = [Job(m, b, "", lr_overrides(m, lrs[m]["lr"]) if m in lrs else (), lrs.get(m, {}).get("source"))
             for b in budgets for m in methods]
     return jobs, {"lr_selection": lrs}
 
@@ -1154,6 +1192,23 @@ def run_preset(args, ap, command: str) -> int:
     _log(f"preset {P.name}: {len(jobs)} rows + dense on {device} ({torch.get_num_threads()} torch threads); "
          f"writing {out}.* (rows already there with the same settings are kept)")
     result = run(ctx, methods, budgets, out, resume=True, meta=meta, jobs=jobs, figure_each=True)
+    while args.select_lr:  # a best LR at the grid's edge: one more step past it, then look again
+        added = []
+        for m in methods:
+            grid = lr_meta["lr_grid"].get(m)
+            if not grid:
+                continue
+            ok = grid_rows(ctx, m, budgets[0], result["rows"])
+            lr = next_grid_lr(grid, {k: r["ppl_ratio"] for k, r in ok.items()}, tuple(P.lr_grid.get(m, ())))
+            if lr is not None:
+                lr_meta["lr_grid"][m] = sorted(set(grid) | {lr})
+                added.append(Job(m, budgets[0], f"lr={lr:g}", lr_overrides(m, lr), "grid (extended)"))
+                _log(f"{m}: the best LR of {grid} is at the edge; adding {lr:g}")
+        if not added:
+            break
+        jobs += added
+        meta.update(lr_meta)
+        result = run(ctx, methods, budgets, out, resume=True, meta=meta, jobs=jobs, figure_each=True)
     print(markdown_cpu(result), flush=True)
     return int(any("error" in r for r in result["rows"]))
 

@@ -101,6 +101,8 @@ def test_preset_select_lr_then_test_run_resume(q, tmp_path, monkeypatch):
     for r in rows[1:]:
         assert r["lr_field"] == fields[r["method"]] and r["split"] == "validation" and r["lr_source"] == "grid"
         assert r["settings"][r["lr_field"]] == r["lr"]
+        if r["method"] == "deltallm":  # its block parameters' rate follows the grid's (Method.lr_follow)
+            assert r["settings"]["delta_block_lr"] == pytest.approx(r["lr"] / 10, rel=1e-9)
         assert {"ood_ppl", "ood_ppl_ratio", "machine_load", "cpu_seconds"} <= set(r)
     for ext in (".json", ".md", ".png"):
         assert lr_out.with_suffix(ext).is_file()
@@ -216,3 +218,38 @@ def test_plot_only_redraws_md_and_png(q, tmp_path):
     assert q.main(["--preset", "cpu", "--plot-only", "--out-dir", str(tmp_path)]) == 0
     assert out.with_suffix(".png").is_file() and "(default)" in out.with_suffix(".md").read_text()
     assert q.main(["--preset", "cpu", "--select-lr", "--plot-only", "--out-dir", str(tmp_path)]) == 1  # no LR file
+
+
+# --------------------------------------------------------------------------- the LR grid grows past an edge
+def test_next_grid_lr_steps_past_the_edge_only(q):
+    r = {3e-5: 2.0, 1e-4: 1.7, 3e-4: 1.6}
+    assert q.next_grid_lr([3e-5, 1e-4, 3e-4], r) == pytest.approx(9e-4)  # best at the top: one step up
+    r = {3e-4: 1.2, 1e-3: 1.5, 3e-3: 1.9}
+    assert q.next_grid_lr([3e-4, 1e-3, 3e-3], r) == pytest.approx(9e-5)  # best at the bottom: one step down
+    assert q.next_grid_lr([3e-5, 1e-4, 3e-4], {3e-5: 2.0, 1e-4: 1.5, 3e-4: 1.6}) is None  # bracketed
+    assert q.next_grid_lr([3e-5, 1e-4, 3e-4], {3e-5: 2.0, 3e-4: 1.6}) is None  # a grid row still missing
+    assert q.next_grid_lr([1e-4], {1e-4: 1.0}) is None
+    # at most max_extra LRs beyond the preset's grid
+    base = (3e-5, 1e-4, 3e-4)
+    grown = [3e-5, 1e-4, 3e-4, 9e-4, 2.7e-3]
+    ratios = {lr: 3.0 - i * 0.1 for i, lr in enumerate(grown)}
+    assert q.next_grid_lr(grown, ratios, base, max_extra=2) is None
+    assert q.next_grid_lr(grown[:4], ratios, base, max_extra=2) == pytest.approx(2.7e-3)
+
+
+def test_chosen_lrs_reads_the_grid_the_file_records(q, tmp_path):
+    """An LR that --select-lr added past the edge counts once it is in the file's lr_grid, and must be there."""
+    P = tiny_preset(q)
+    ctx = context(q, P.settings, "test", seed=7)
+    m, f = "drop-heal", "heal_lr"
+    vctx = dataclasses.replace(ctx, split="validation")
+    rows = []
+    for lr, ratio in ((1e-4, 2.0), (3e-4, 1.6), (9e-4, 1.4)):
+        sctx = dataclasses.replace(vctx, S=dataclasses.replace(ctx.S, **{f: lr}))
+        rows.append({"method": m, "budget": 0.7, "lr": lr, "ppl_ratio": ratio,
+                     "settings": q.row_settings(sctx, m, 0.7)})
+    path = tmp_path / "lr.json"
+    path.write_text(json.dumps({"lr_budget": 0.7, "lr_grid": {m: [1e-4, 3e-4, 9e-4]}, "rows": rows}))
+    assert q.chosen_lrs(ctx, P, path, [m])[m]["lr"] == 9e-4
+    path.write_text(json.dumps({"lr_budget": 0.7, "lr_grid": {m: [1e-4, 3e-4]}, "rows": rows}))
+    assert q.chosen_lrs(ctx, P, path, [m])[m]["lr"] == 3e-4  # 9e-4 is not part of the recorded grid
