@@ -79,6 +79,20 @@ def rank_for_target(params_dense: int, n_delta_blocks: int, shapes: Sequence[Sha
     return lo
 
 
+def fill_rank(params_dense: int, followers: Sequence[int], shapes: Sequence[Shape],
+              target_params: float) -> tuple[int, int, tuple[int, ...]]:
+    """(rank, params, bumped): the largest uniform rank that fits ``target_params`` (< 1: none does), then rank + 1
+    on as many of the followers (the first ones) as still fit."""
+    n_d = len(followers)
+    r = rank_for_target(params_dense, n_d, shapes, target_params)
+    if r < 1:
+        return r, 0, ()
+    p = plan_params(params_dense, n_d, shapes, r)
+    inc = delta_cost(shapes, r + 1) - delta_cost(shapes, r)
+    extra = 0 if inc <= 0 else min(n_d - 1, int((target_params - p) // inc))
+    return r, p + extra * max(inc, 0), tuple(followers[:extra])
+
+
 @dataclass(frozen=True)
 class SharingPlan:
     """Units, a base rank, and the delta blocks that get rank + 1 to fill the budget's remainder."""
@@ -139,14 +153,9 @@ def candidate_plans(n_layers: int, shapes: Sequence[Shape], params_dense: int, *
         elif target is None:
             raise FipsError("Give a budget or a delta rank.")
         else:
-            r = rank_for_target(params_dense, n_d, shapes, target)
+            r, p, bumped = fill_rank(params_dense, followers, shapes, target)
             if r < 1:
                 continue
-            p = plan_params(params_dense, n_d, shapes, r)
-            inc = delta_cost(shapes, r + 1) - delta_cost(shapes, r)
-            extra = 0 if inc <= 0 else min(n_d - 1, int((target - p) // inc))
-            bumped = tuple(followers[:extra])
-            p += extra * max(inc, 0)
         if target is not None and not (share_size is not None and rank is not None):
             if p > target + tol * params_dense or p < target - tol * params_dense:
                 continue
@@ -193,14 +202,9 @@ def influence_plan(cosines: Sequence[float], shapes: Sequence[Shape], params_den
     if rank is None:
         if target is None:
             raise FipsError("Give a budget or a delta rank.")
-        rank = rank_for_target(params_dense, len(followers), shapes, target)
+        rank, p, bumped = fill_rank(params_dense, followers, shapes, target)
         if rank < 1:
             raise FipsError(f"{len(followers)} delta blocks leave no room for rank 1 within the budget {budget:.3f}.")
-        p = plan_params(params_dense, len(followers), shapes, rank)
-        inc = delta_cost(shapes, rank + 1) - delta_cost(shapes, rank)
-        extra = 0 if inc <= 0 else min(len(followers) - 1, int((target - p) // inc))
-        bumped = tuple(followers[:extra])
-        p += extra * max(inc, 0)
     else:
         p = plan_params(params_dense, len(followers), shapes, rank)
     if target is not None and not (target - tol * params_dense <= p <= target + tol * params_dense):
