@@ -55,7 +55,8 @@ def count_model(model, adapter: Adapter, itemsize: int = 4) -> dict:
             mlp_ids.add(id(p))
     other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in mlp_ids)
     # DeltaLLM may share linears outside the MLPs too (share_attention): their dense count is out x in each
-    outside = [m for n, m in model.named_modules() if isinstance(m, DeltaLinear) and n not in set(mlp_paths)]
+    in_mlp = set(mlp_paths)
+    outside = [m for n, m in model.named_modules() if isinstance(m, DeltaLinear) and n not in in_mlp]
     outside_params = sum(p.numel() for p in {id(p): p for m in outside for p in m.parameters()}.values())
     outside_dense = sum(m.in_features * m.out_features + _bias(m) for m in outside)
     params = other + mlp_params
