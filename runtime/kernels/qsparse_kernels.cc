@@ -717,6 +717,16 @@ struct ActNT {
   }
 };
 
+// Software prefetch of a row's code stream (kPrefetchCodes bytes ahead of its cursor) and of the mask bytes the
+// next row group reads at the same column (a decode call streams every V once from memory, and the expand-loads'
+// variable advance is not what the hardware prefetchers follow well). Prefetches never fault.
+constexpr int kPrefetchCodes = 512;
+// The addresses are formed as integers: they may lie past the arrays (the last rows), never dereferenced.
+FIPS_VNNI inline void prefetch_ahead(const uint8_t* codes, uintptr_t mask_addr) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(codes) + kPrefetchCodes), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(mask_addr), _MM_HINT_T0);
+}
+
 // Y[t0 + tt, r + i] for TB tokens and NR rows (all non-empty or not: an empty row gives 0).
 template <int TB, int NR>
 FIPS_VNNI void qnt64_vnni_block(const QSparseMatrix& Q, const ActNT& X, int64_t t0, float* Y, int64_t r) {
@@ -755,6 +765,7 @@ FIPS_VNNI void qnt64_vnni_block(const QSparseMatrix& Q, const ActNT& X, int64_t 
     }
 #pragma GCC unroll 16
     for (int i = 0; i < NR; ++i) {
+      prefetch_ahead(cp[i], reinterpret_cast<uintptr_t>(mk) + static_cast<uintptr_t>((i + NR) * rb + (c >> 3)));
       const __m512i ua = step(i, c);
       const __m512i ub = two ? step(i, c + 64) : _mm512_setzero_si512();
 #pragma GCC unroll 16
@@ -858,6 +869,7 @@ FIPS_VNNI void qnn64_vnni_rows(const QSparseMatrix& Q, const ActNN& X, int64_t t
         __m512i a[4];
 #pragma GCC unroll 4
         for (int i = 0; i < 4; ++i) {
+          prefetch_ahead(cp[i], reinterpret_cast<uintptr_t>(mk[i]) + static_cast<uintptr_t>((c >> 3) + 4 * (cols >> 3)));
           uint64_t m;
           std::memcpy(&m, mk[i] + (c >> 3), sizeof(m));
           m &= keep[i];
