@@ -26,6 +26,9 @@ The FiPS MLP (gated: Llama, Qwen2, Gemma-2; ``fc1``/``fc2`` MLPs have no gate)::
                                    │
                               (+ bias: Add, BERT/ViT only)
 
+Quantized exports use fips.QSparseMatMul in the same places; with int8 VNNI factors (``stores_transposed``) gate
+and up are written as Vᵀ [d_ff, r] behind transB=1 (docs/sparse-op.md, "Layout of the r -> d_ff factors").
+
 DeltaLLM linear: ``Gemm(x, W_shared, transB=1)`` (W_shared one initializer used by several layers)
 ``+ Gemm(Gemm(x, B, transB=1), A, transB=1)`` (the low-rank delta as two matrix products).
 """
@@ -167,9 +170,15 @@ def _bias(b: GraphBuilder, y: str, module, path: str) -> str:
 def fips_linear(b: GraphBuilder, m: FipsLinear, x: str, path: str) -> str:
     values, mask, r, d_ff = _packed(b, m)
     if b.sparse_bits:  # fips.QSparseMatMul: V's kept values quantized (exporter/sparse_op.quantize_sparse)
-        from .sparse_op import quantize_sparse
-        q = quantize_sparse(np.ascontiguousarray(values, dtype=np.float32), mask, r, d_ff, b.sparse_bits,
-                            b.sparse_group_size)
+        from .sparse_op import DEFAULT_GROUP_SIZE, quantize_sparse, stores_transposed
+        group = DEFAULT_GROUP_SIZE[b.sparse_bits] if b.sparse_group_size is None else b.sparse_group_size
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if m.orientation == "in" and stores_transposed(b.sparse_bits, group, b.sparse_activation_bits, r):
+            from fips_rt.sparse_format import transpose_packed
+            vt, mt = transpose_packed(values, mask, (r, d_ff))
+            q = quantize_sparse(vt, mt, d_ff, r, b.sparse_bits, group)
+            return _bias(b, b.qsparse_matmul(_basis_product(b, m.basis, x), q, 1, path), m, path)
+        q = quantize_sparse(values, mask, r, d_ff, b.sparse_bits, group)
         if m.orientation == "in":
             y = b.qsparse_matmul(_basis_product(b, m.basis, x), q, 0, path)
         else:

@@ -45,6 +45,13 @@ def pack(dense: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.asarray(dense)[mask]), pack_mask(mask)
 
 
+def transpose_packed(values: np.ndarray, packed: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, packed mask) of V [rows, cols] -> the same of Vᵀ [cols, rows] (kept entries in Vᵀ's row order)."""
+    mask = unpack_mask(packed, shape)
+    dense = unpack(values, packed, shape)
+    return pack(np.ascontiguousarray(dense.T), np.ascontiguousarray(mask.T))
+
+
 def unpack(values: np.ndarray, packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     mask = unpack_mask(packed, shape)
     if np.asarray(values).ndim != 1:

@@ -7,7 +7,7 @@ from fips_rt.budget import (consecutive_groups, check_groups, kept_params, mlp_b
                             rank_for_budget)
 from fips_rt.decompose import diag_scale, normalized_cov, shared_svd_init, whitening_factor
 from fips_rt.errors import FipsError
-from fips_rt.sparse_format import pack, stored_bytes, unpack, unpack_mask
+from fips_rt.sparse_format import pack, stored_bytes, transpose_packed, unpack, unpack_mask
 from fips_rt.sparsity import (global_magnitude_masks, gmp_sparsity, nm_mask, rigl_drop_fraction, rigl_update)
 
 
@@ -63,6 +63,19 @@ def test_sparse_format_roundtrip_odd_shape():
     m = np.zeros((1, 16), bool); m[0, 1] = m[0, 9] = True
     assert list(pack(np.ones((1, 16), np.float32), m)[1]) == [2, 2]
     assert stored_bytes(10, (4, 4)) == 42
+
+
+def test_transpose_packed_is_the_packed_transpose():
+    rng = np.random.default_rng(1)
+    V = rng.standard_normal((37, 45)).astype(np.float32)
+    mask = rng.random((37, 45)) < 0.4
+    values, packed = pack(V, mask)
+    vt, mt = transpose_packed(values, packed, V.shape)
+    want_v, want_m = pack(np.ascontiguousarray(V.T), np.ascontiguousarray(mask.T))
+    assert np.array_equal(vt, want_v) and np.array_equal(mt, want_m)
+    assert np.array_equal(unpack(vt, mt, (45, 37)), (V * mask).T)
+    back_v, back_m = transpose_packed(vt, mt, (45, 37))
+    assert np.array_equal(back_v, values) and np.array_equal(back_m, packed)
 
 
 def test_gmp_schedule_cubic():

@@ -266,3 +266,35 @@ def test_fp32_basis_option_keeps_one_float_u():
     _, got = _logits(folder)
     _, ref = _logits(tiny_lm_dir("fips"))
     assert np.abs(got - ref).mean() / ref.std() < TOLERANCE["int8"]
+
+
+def _qsparse_attrs(folder):
+    proto, _ = _ops(folder)
+    return [(n.input[1], {a.name: a.i for a in n.attribute}) for n in proto.graph.node if n.op_type == "QSparseMatMul"]
+
+
+def test_int8_act8_gate_up_factors_are_stored_transposed():
+    """--weights int8 at accuracy_level 4 (activation_bits 8): the r -> d_ff factors (gate/up) are written as Vᵀ
+    [d_ff, r] behind transB = 1 (the VNNI dot-product kernel), down as before; at accuracy_level 1 (exact float
+    activations) and for int4 they keep V [r, d_ff] and transB = 0. Both layouts compute the same product."""
+    nodes = _qsparse_attrs(tiny_lm_dir("fips", weights="int8"))
+    assert len(nodes) == 3 * LAYERS and all(a["transB"] == 1 and a["activation_bits"] == 8 for _, a in nodes)
+    gate_up = [a for name, a in nodes if ".gate_proj." in name or ".up_proj." in name]
+    assert len(gate_up) == 2 * LAYERS and all((a["rows"], a["cols"]) == (128, 64) for a in gate_up)
+    for kw in ({"weights": "int8", "accuracy_level": 1}, {"weights": "int4"}):
+        nodes = _qsparse_attrs(tiny_lm_dir("fips", **kw))
+        layout = {(".down_proj." in name, a["transB"], a["rows"], a["cols"]) for name, a in nodes}
+        assert layout == {(False, 0, 64, 128), (True, 1, 64, 128)}, kw
+    # the two layouts of the same checkpoint give the same logits (within int8's rounding of A and of V)
+    _, got = _logits(tiny_lm_dir("fips", weights="int8"))
+    _, ref = _logits(tiny_lm_dir("fips", weights="int8", accuracy_level=1))
+    assert np.abs(got - ref).mean() / ref.std() < TOLERANCE["int8"]
+
+
+@pytest.mark.parametrize("bits,group,act,rank,want", [(8, 0, 8, 576, True), (8, 0, 8, 64, True),
+                                                      (8, 0, 8, 542, False), (8, 0, 0, 576, False),
+                                                      (8, 64, 8, 576, False), (4, 0, 8, 576, False),
+                                                      (4, 32, 0, 576, False)])
+def test_stores_transposed_rule(bits, group, act, rank, want):
+    from fips_rt.exporter.sparse_op import stores_transposed
+    assert stores_transposed(bits, group, act, rank) is want
