@@ -768,7 +768,7 @@ FIPS_VNNI void qnt64_vnni_block(const QSparseMatrix& Q, const ActNT& X, int64_t 
     }
 #pragma GCC unroll 16
     for (int i = 0; i < NR; ++i) {
-            prefetch_ahead(cp[i], reinterpret_cast<uintptr_t>(mk) + static_cast<uintptr_t>((i + NR) * rb + (c >> 3)));
+      prefetch_ahead(cp[i], reinterpret_cast<uintptr_t>(mk) + static_cast<uintptr_t>((i + NR) * rb + (c >> 3)));
       const __m512i ua = step(i, c);
       const __m512i ub = two ? step(i, c + 64) : _mm512_setzero_si512();
 #pragma GCC unroll 16
