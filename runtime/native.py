@@ -65,8 +65,10 @@ Environment:
     FIPS_QSPARSE_NO_VBMI2=1       AVX-512 level: keep the AVX-512F int8 kernel where the CPU has VBMI2
     FIPS_QSPARSE_FUSED_MAX_T=N    largest token count for the fused decode kernels (default 16 for int8
                                   per-row scales, 8 otherwise; above: dequantize once, fp32 kernels)
-    FIPS_QSPARSE_NO_VNNI=1        AVX-512 level: nodes with activation_bits=8 compute exactly (float
-                                  activations) instead of with the int8-activation VNNI kernels
+    FIPS_QSPARSE_NO_VNNI=1        AVX-512 level: no int8-activation VNNI kernels (activation_bits=8 nodes:
+                                  transB=1 then runs the AVX2 int8-activation kernel, transB=0 exactly)
+    FIPS_QSPARSE_NO_ACT8=1        every level: activation_bits=8 nodes compute exactly (float activations),
+                                  no int8-activation kernel (VNNI or AVX2)
     FIPS_QSPARSE_ACT8_TASK_STEPS=N  64-column steps x tokens per task of the VNNI kernels (default 3072;
                                   for measurements); FIPS_SPARSE_TEST_CPU_LACKS=avx512vnni also turns them off
 """

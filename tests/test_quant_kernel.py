@@ -459,6 +459,12 @@ def _cpu_flags() -> set:
 
 
 _HAS_VNNI = {"avx512f", "avx512bw", "avx512_vbmi2", "avx512_vnni"} <= _cpu_flags()
+_HAS_AVX2 = {"avx2", "fma", "popcnt"} <= _cpu_flags()
+
+
+def _act8_native(trans_b: int) -> bool:
+    """The default native level quantizes A on this CPU: the VNNI kernels (both layouts) or the AVX2 one (transB=1)."""
+    return _HAS_VNNI or (trans_b == 1 and _HAS_AVX2)
 
 
 def _act8_model(rows, cols, tb, q, bits=8, group=0, act_bits=8, **kw):
@@ -498,7 +504,8 @@ def _act8_emulation(a, q, rows, cols, tb):
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_activation_bits_8_is_the_stated_quantization(trans_b, library):
     """activation_bits=8, int8 per-row codes: the native output is the documented computation (numpy emulation
-    of the activation quantization, to float32 rounding) where the CPU has VNNI, and within ACT8_TOL of the
+    of the activation quantization, to float32 rounding) where a quantized-activation kernel runs (VNNI: both
+    layouts; AVX2: transB=1), and within ACT8_TOL of the
     exact float64 product on every path; the reference body (and activation_bits=0) stay exact."""
     worst = 0.0
     for rows, cols in ACT8_SHAPES:
@@ -511,17 +518,19 @@ def test_activation_bits_8_is_the_stated_quantization(trans_b, library):
             y = nat.run(None, {"A": a})[0]
             assert _rel(y, want) <= ACT8_TOL, (rows, cols, t, _rel(y, want))
             worst = max(worst, _rel(y, want))
-            if _HAS_VNNI:
+            if _act8_native(trans_b):
                 assert _rel(y, _act8_emulation(a, q, rows, cols, trans_b)) <= 1e-5, (rows, cols, t)
             assert _rel(ref.run(None, {"A": a})[0], want) <= TOL
             assert _rel(ex.run(None, {"A": a})[0], want) <= TOL
-    if _HAS_VNNI:
+    if _act8_native(trans_b):
         assert worst > TOL  # the quantized kernels did run
+    else:
+        assert worst <= TOL
 
 
 def test_activation_bits_8_heavy_tailed_and_empty_rows(library):
     """Student-t (df 3) activations, rows and 64-row blocks pruned empty, an int8 code of -128: still the
-    emulation where VNNI runs and within ACT8_TOL."""
+    emulation where a quantized-activation kernel runs and within ACT8_TOL."""
     rows, cols = 200, 320
     rng = np.random.default_rng(7)
     keep = rng.random((rows, cols)) < 0.45
@@ -544,7 +553,7 @@ def test_activation_bits_8_heavy_tailed_and_empty_rows(library):
             want = a.astype(np.float64) @ (dense.T if tb else dense)
             y = sess.run(None, {"A": a})[0]
             assert _rel(y, want) <= ACT8_TOL, (tb, t, _rel(y, want))
-            if _HAS_VNNI:
+            if _act8_native(tb):
                 assert _rel(y, _act8_emulation(a, q, rows, cols, tb)) <= 1e-5, (tb, t)
 
 
@@ -575,8 +584,9 @@ _ACT8_LEVEL_SCRIPT = textwrap.dedent("""
     from fips_rt.exporter.sparse_cases import random_qsparse, single_qnode_model
     from fips_rt.runtime import native
     lib = str(native.library_path())
-    worst = 0.0
+    worst, emul = {}, {}
     for tb in (0, 1):
+        worst[tb] = emul[tb] = 0.0
         for rows, cols in ((96, 256), (37, 64), (41, 192)):
             q, dense = random_qsparse(rows, cols, 8, 0, density=0.4, seed=rows)
             m = single_qnode_model(rows, cols, tb, q.qvalues, q.scales, q.mask, bits=8, group_size=0)
@@ -586,22 +596,37 @@ _ACT8_LEVEL_SCRIPT = textwrap.dedent("""
             for t in (1, 5, 16):
                 a = np.random.default_rng(t).standard_normal((t, cols if tb else rows)).astype(np.float32)
                 want = a.astype(np.float64) @ (dense.T if tb else dense)
-                worst = max(worst, float(np.abs(s.run(None, {"A": a})[0] - want).max() / np.abs(want).max()))
-    print(json.dumps({"worst": worst, **native.kernel_info()}))
+                y = s.run(None, {"A": a})[0]
+                worst[tb] = max(worst[tb], float(np.abs(y - want).max() / np.abs(want).max()))
+                emul[tb] = max(emul[tb], _rel(y, _act8_emulation(a, q, rows, cols, tb)))
+    print(json.dumps({"worst": [worst[0], worst[1]], "emulation": [emul[0], emul[1]], **native.kernel_info()}))
 """)
 
 
-@pytest.mark.parametrize("level,extra,exact", [("portable", {}, True), ("avx2", {}, True), ("avx512", {}, False),
-                                               ("avx512", {"FIPS_QSPARSE_NO_VNNI": "1"}, True)],
-                         ids=["portable", "avx2", "avx512", "avx512-without-vnni"])
-def test_activation_bits_8_at_each_kernel_level(level, extra, exact, library):
-    """Levels without the VNNI kernels (portable, AVX2, AVX-512 with FIPS_QSPARSE_NO_VNNI=1) compute exactly;
-    the AVX-512 level with VNNI stays within ACT8_TOL."""
-    out = _run_at_level(_ACT8_LEVEL_SCRIPT, level, extra)
+@pytest.mark.parametrize("level,extra", [("portable", {}), ("avx2", {}), ("avx2", {"FIPS_QSPARSE_NO_ACT8": "1"}),
+                                         ("avx512", {}), ("avx512", {"FIPS_QSPARSE_NO_VNNI": "1"}),
+                                         ("avx512", {"FIPS_QSPARSE_NO_ACT8": "1"})],
+                         ids=["portable", "avx2", "avx2-no-act8", "avx512", "avx512-without-vnni", "avx512-no-act8"])
+def test_activation_bits_8_at_each_kernel_level(level, extra, library):
+    """Which layouts each level quantizes A in: AVX-512 with VNNI both, AVX2 (and AVX-512 without VNNI) transB=1,
+    portable and FIPS_QSPARSE_NO_ACT8=1 none. A quantizing layout is the documented computation (the numpy
+    emulation to 1e-5) and within ACT8_TOL of the float64 product; the others are exact."""
+    import inspect
+    helpers = "\n".join(inspect.getsource(f) for f in (_rel, _quant_blocks, _act8_emulation))
+    out = _run_at_level("import numpy as np\n" + helpers + _ACT8_LEVEL_SCRIPT, level, extra)
     assert out["isa"] == level
-    assert out["worst"] <= (TOL if exact or not _HAS_VNNI else ACT8_TOL), out
-    if not exact and _HAS_VNNI:
-        assert out["worst"] > TOL, out
+    for tb in (0, 1):
+        if "FIPS_QSPARSE_NO_ACT8" in extra or level == "portable":
+            quantizes = False
+        elif level == "avx512" and _HAS_VNNI and "FIPS_QSPARSE_NO_VNNI" not in extra:
+            quantizes = True
+        else:
+            quantizes = tb == 1
+        if quantizes:
+            assert TOL < out["worst"][tb] <= ACT8_TOL, (tb, out)
+            assert out["emulation"][tb] <= 1e-5, (tb, out)
+        else:
+            assert out["worst"][tb] <= TOL, (tb, out)
 
 
 @pytest.mark.parametrize("value", [4, 16, -8, "float", "twice"])

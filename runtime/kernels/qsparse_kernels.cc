@@ -362,6 +362,277 @@ void qnt8_row(const QSparseMatrix& Q, const float* A, float* Y, int64_t r) {
   for (int tt = 0; tt < TB; ++tt) Y[tt * rows + r] = hsum8(acc[tt]) * rs;
 }
 
+// ---- shared by the quantized-activation kernels (AVX2 below, AVX-512 VNNI further down) ----------------
+// The run-time gates of the optional AVX-512 kernels (VBMI2 here, VNNI below): an opt-out variable set to
+// anything but "" or "0", or a feature FIPS_SPARSE_TEST_CPU_LACKS names (tests), turns a kernel off.
+bool env_opt_out(const char* name) {
+  const char* e = std::getenv(name);
+  return e && e[0] && std::strcmp(e, "0") != 0;
+}
+bool test_cpu_lacks(const char* feature) {
+  const char* lacks = std::getenv("FIPS_SPARSE_TEST_CPU_LACKS");
+  return lacks && std::strstr(lacks, feature);
+}
+
+constexpr int64_t kActBlock = 64;  // entries of the reduction axis per activation scale
+
+// 64-byte aligned scratch (a few KiB per call).
+template <class T>
+struct Scratch {
+  std::unique_ptr<T[], void (*)(T*)> p{nullptr, [](T* x) { ::operator delete[](x, std::align_val_t(64)); }};
+  explicit Scratch(size_t n) {
+    p.reset(static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64))));
+    std::memset(p.get(), 0, std::max<size_t>(n, 1) * sizeof(T));
+  }
+  T* get() const { return p.get(); }
+};
+
+// transB = 1: the activation rows quantized per kActBlockNT columns (the last block 64 wide when
+// cols % 128 == 64): one int32 -> float conversion per two 64-column steps.
+constexpr int64_t kActBlockNT = 128;
+// Work per task of the quantized-activation kernels: at least this many 64-column steps (below it the
+// thread hand-off costs more than it saves; FIPS_QSPARSE_ACT8_TASK_STEPS overrides, for measurements).
+int64_t act8_task_steps() {
+  static const int64_t n = [] {
+    const char* e = std::getenv("FIPS_QSPARSE_ACT8_TASK_STEPS");
+    return e && e[0] ? std::max<int64_t>(1, std::strtoll(e, nullptr, 10)) : int64_t(kAct8TaskSteps);
+  }();
+  return n;
+}
+
+// Non-empty rows in [r0, r1).
+int64_t live_rows(const MaskTables& t, int64_t r0, int64_t r1) {
+  int64_t n = 0;
+  for (int64_t r = r0; r < r1; ++r) n += t.row_off[r + 1] != t.row_off[r];
+  return n;
+}
+
+// Tasks of a call: its steps (T x non-empty rows x cols / 64) over act8_task_steps(), in [1, cap].
+int64_t act8_tasks(const MaskTables& t, int64_t T, int64_t cap) {
+  const int64_t steps = T * live_rows(t, 0, t.rows) * (t.cols / 64);
+  return std::max<int64_t>(1, std::min<int64_t>(cap, steps / act8_task_steps()));
+}
+
+// Row boundaries of `parts` slices with about the same number of non-empty rows (the work of the
+// VNNI kernels, see kAct8TaskSteps), each boundary a multiple of `align`. Depends only on the mask.
+std::vector<int64_t> live_row_bounds(const MaskTables& t, int64_t parts, int64_t align) {
+  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
+  b[0] = 0;
+  const int64_t live = live_rows(t, 0, t.rows);
+  int64_t seen = 0, r = 0;
+  for (int64_t k = 1; k < parts; ++k) {
+    const int64_t target = live * k / parts;
+    while (r < t.rows && seen < target) seen += t.row_off[r + 1] != t.row_off[r], ++r;
+    b[k] = std::max(b[k - 1], std::min(t.rows, (r + align / 2) / align * align));
+  }
+  return b;
+}
+
+// ---- AVX2 quantized activations (activation_bits = 8), int8 codes with per-row scales, transB = 1 ----
+// The same computation as the VNNI transB = 1 kernel below (docs/sparse-op.md), for CPUs without AVX-512
+// VNNI (AVX2 only, e.g. Zen 2/3, Haswell to Comet Lake): A quantized per 128-column block to int8 (the same
+// rounding and scales), each block's sum(code * xq) exact in int32, acc += float(sum) * xs[b], Y[t, r] =
+// hsum(acc) * scales[r]. There is no u8 x s8 dot with 32-bit accumulation in AVX2, so per 32-column step:
+//   expand: per 16 columns one 16-byte load of the row's next codes and vpshufb with a control built from
+//     two 8-byte table rows (mask byte -> the code index of each kept column, 0x80 for a pruned one: 0),
+//     the second byte's indices offset by the popcount of the first (its codes follow in the same load)
+//   dot: vpmaddubsw(|w|, sign(xq, w)) (|w| <= 128 as u8, |xq| <= 127: a pair sums to <= 32512, no
+//     saturation) then vpmaddwd by 1 into the int32 block sums; exact, so the result equals VNNI's up to
+//     the float summation order of the block terms.
+// Each row's code stream is prefetched kPrefetchCodesAvx2 bytes ahead, and the next row group's mask once per
+// block (as in the VNNI kernels). The 16-byte loads read up to 16 bytes past a row's codes: rows whose reads
+// could pass the end of the codes array run from a zero-padded copy of their codes. (A variant with a
+// [9][256] table of pre-offset controls instead of the add measured the same; not kept.)
+constexpr int kPrefetchCodesAvx2 = 4096;
+
+struct ShufLut {
+  alignas(64) uint64_t ctl[256] = {};
+  alignas(16) uint8_t off[9][16] = {};  // [k]: 8 zero bytes then 8 bytes of k (the second byte's offset)
+  constexpr ShufLut() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      uint64_t v = 0;
+      for (int j = 0; j < 8; ++j) {
+        const uint64_t b = ((m >> j) & 1) ? static_cast<uint64_t>(k++) : uint64_t(0x80);
+        v |= b << (8 * j);
+      }
+      ctl[m] = v;
+    }
+    for (int k = 0; k <= 8; ++k)
+      for (int j = 8; j < 16; ++j) off[k][j] = static_cast<uint8_t>(k);
+  }
+};
+constexpr ShufLut g_shuf{};
+
+// The 16 codes of columns [c, c + 16) of a row (pruned: 0) from mask bits m (16 bits); p advances.
+FIPS_QINLINE __m128i expand16_i8(const uint8_t*& p, unsigned m) {
+  const unsigned m0 = m & 0xff, m1 = (m >> 8) & 0xff;
+  const int n0 = __builtin_popcount(m0);
+  const __m128i ctl = _mm_add_epi8(
+      _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&g_shuf.ctl[m0])),
+                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&g_shuf.ctl[m1]))),
+      _mm_load_si128(reinterpret_cast<const __m128i*>(g_shuf.off[n0])));
+  const __m128i w = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), ctl);
+  p += n0 + __builtin_popcount(m1);
+  return w;
+}
+
+// A quantized per kActBlockNT columns (the last block 64 wide when cols % 128 == 64), as ActNT below.
+struct Act8NT {
+  int64_t T, cols, nblk;
+  Scratch<int8_t> q;  // [T][cols]
+  Scratch<float> s;   // [T][nblk]
+  Act8NT(const float* A, int64_t T_, int64_t cols_)
+      : T(T_), cols(cols_), nblk(ceil_div(cols_, kActBlockNT)), q(static_cast<size_t>(T_ * cols_)),
+        s(static_cast<size_t>(T_ * nblk)) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < nblk; ++b) {
+        const int64_t w = std::min(kActBlockNT, cols - b * kActBlockNT);
+        const float* x = A + t * cols + b * kActBlockNT;
+        __m256 mx = _mm256_setzero_ps();
+        for (int64_t i = 0; i < w; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        s.get()[t * nblk + b] = amax / 127.0f;
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < w; i += 32) {
+          __m256i v[4];
+          for (int j = 0; j < 4; ++j) v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), iv));
+          // saturating packs work per 128-bit lane: bytes come out in 4-byte groups ordered 0,2,4,6,1,3,5,7
+          const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.get() + t * cols + b * kActBlockNT + i),
+                              _mm256_permutevar8x32_epi32(p, order));
+        }
+      }
+  }
+};
+
+// Y[t0 + tt, r + i] for TB tokens and NR rows; cp[i]: row r + i's codes (readable 16 bytes past its end).
+template <int TB, int NR>
+void qnt32_act8_block(const QSparseMatrix& Q, const Act8NT& X, int64_t t0, float* Y, int64_t r,
+                      const uint8_t* const* cp_in) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, cols = t.cols, nblk = X.nblk, rb = cols >> 3;
+  const uint8_t* mk = Q.mask + ((static_cast<uint64_t>(r) * cols) >> 3);
+  const uint8_t* cp[NR];
+  __m256 acc[NR][TB];
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i) {
+    cp[i] = cp_in[i];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) acc[i][tt] = _mm256_setzero_ps();
+  }
+  const int8_t* xq0 = X.q.get() + t0 * cols;
+  const float* xs0 = X.s.get() + t0 * nblk;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t c0 = b * kActBlockNT, c1 = std::min(cols, c0 + kActBlockNT);
+    __m256i d[NR][TB];
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt) d[i][tt] = _mm256_setzero_si256();
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(mk) +
+                                                 static_cast<uintptr_t>((i + NR) * rb + (c0 >> 3))), _MM_HINT_T0);
+    for (int64_t c = c0; c < c1; c += 32) {
+      __m256i xa[TB];
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt) xa[tt] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + tt * cols + c));
+#pragma GCC unroll 16
+      for (int i = 0; i < NR; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(cp[i]) + kPrefetchCodesAvx2), _MM_HINT_T0);
+        uint32_t m;
+        std::memcpy(&m, mk + i * rb + (c >> 3), sizeof(m));
+        const __m128i lo = expand16_i8(cp[i], m & 0xffff);
+        const __m128i hi = expand16_i8(cp[i], m >> 16);
+        const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+        const __m256i aw = _mm256_abs_epi8(w);
+#pragma GCC unroll 16
+        for (int tt = 0; tt < TB; ++tt)
+          d[i][tt] = _mm256_add_epi32(
+              d[i][tt], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xa[tt], w)), ones));
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+      for (int tt = 0; tt < TB; ++tt)
+        acc[i][tt] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][tt]), _mm256_set1_ps(xs0[tt * nblk + b]), acc[i][tt]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TB; ++tt) Y[(t0 + tt) * rows + r + i] = hsum8(acc[i][tt]) * Q.scales[r + i];
+}
+
+// Rows [r0, r1), TB tokens from t0; pad: cols + 16 bytes of scratch (rows near the end of the codes array).
+template <int TB, int NR>
+void qnt_act8_rows(const QSparseMatrix& Q, const Act8NT& X, int64_t t0, float* Y, int64_t r0, int64_t r1,
+                   uint8_t* pad) {
+  const MaskTables& t = *Q.t;
+  const int64_t rows = t.rows, limit = Q.code_bytes - 16;  // a row ending at or before `limit` reads inside
+  auto zero_rows = [&](int64_t a, int64_t b) {
+    for (int tt = 0; tt < TB; ++tt) std::fill(Y + (t0 + tt) * rows + a, Y + (t0 + tt) * rows + b, 0.0f);
+  };
+  int64_t r = r0;
+  for (; r + NR <= r1 && t.row_off[r + NR] <= limit; r += NR) {
+    if (t.row_off[r + NR] == t.row_off[r]) {
+      zero_rows(r, r + NR);
+      continue;
+    }
+    const uint8_t* cp[NR];
+    for (int i = 0; i < NR; ++i) cp[i] = Q.codes + t.row_off[r + i];
+    qnt32_act8_block<TB, NR>(Q, X, t0, Y, r, cp);
+  }
+  for (; r < r1; ++r) {
+    const int64_t k0 = t.row_off[r], k1 = t.row_off[r + 1];
+    if (k1 == k0) {
+      zero_rows(r, r + 1);
+      continue;
+    }
+    const uint8_t* p = Q.codes + k0;
+    if (k1 > limit) {  // a zero-padded copy (k1 - k0 <= cols)
+      std::memcpy(pad, p, static_cast<size_t>(k1 - k0));
+      std::memset(pad + (k1 - k0), 0, 16);
+      p = pad;
+    }
+    qnt32_act8_block<TB, 1>(Q, X, t0, Y, r, &p);
+  }
+}
+
+void qnt_act8_avx2(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
+  const MaskTables& t = *Q.t;
+  const Act8NT X(A, T, t.cols);
+  const int64_t ntask = std::min<int64_t>(ceil_div(t.rows, 32), act8_tasks(t, T, 16));
+  const std::vector<int64_t> bound = live_row_bounds(t, ntask, 4);
+  run_tasks(runner, static_cast<size_t>(ntask), [&](size_t i) {
+    Scratch<uint8_t> pad(static_cast<size_t>(t.cols + 16));
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      const int64_t r0 = bound[i], r1 = bound[i + 1];
+      switch (std::min<int64_t>(4, T - t0)) {
+        case 1: qnt_act8_rows<1, 4>(Q, X, t0, Y, r0, r1, pad.get()); break;
+        case 2: qnt_act8_rows<2, 2>(Q, X, t0, Y, r0, r1, pad.get()); break;
+        case 3: qnt_act8_rows<3, 1>(Q, X, t0, Y, r0, r1, pad.get()); break;
+        default: qnt_act8_rows<4, 1>(Q, X, t0, Y, r0, r1, pad.get()); break;
+      }
+    }
+  });
+}
+
+// The codes and layout the quantized-activation kernels take (int8 per-row codes, cols % 64 == 0), on a
+// node with activation_bits = 8; FIPS_QSPARSE_NO_ACT8=1 turns every quantized-activation kernel off.
+bool act8_layout(const QSparseMatrix& Q) {
+  static const bool off = env_opt_out("FIPS_QSPARSE_NO_ACT8");
+  return !off && Q.act_bits == 8 && Q.bits == 8 && Q.group_size == 0 && Q.t->cols % kActBlock == 0;
+}
+
 #if FIPS_HAVE_AVX512
 // ------------------------------------------------------------------------------------
 // AVX-512F (16-column steps, rows byte-aligned: cols % 8 == 0).
@@ -524,17 +795,6 @@ void qnt16_block(const QSparseMatrix& Q, const float* A, float* Y, int64_t r) {
 // (FIPS_QSPARSE_NO_VBMI2=1 keeps the F kernel; the tests run both).
 #define FIPS_VBMI2 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
 
-// The run-time gates of the optional AVX-512 kernels (VBMI2 here, VNNI below): an opt-out variable set to
-// anything but "" or "0", or a feature FIPS_SPARSE_TEST_CPU_LACKS names (tests), turns a kernel off.
-bool env_opt_out(const char* name) {
-  const char* e = std::getenv(name);
-  return e && e[0] && std::strcmp(e, "0") != 0;
-}
-bool test_cpu_lacks(const char* feature) {
-  const char* lacks = std::getenv("FIPS_SPARSE_TEST_CPU_LACKS");
-  return lacks && std::strstr(lacks, feature);
-}
-
 bool use_vbmi2() {
   static const bool ok = [] {
     if (env_opt_out("FIPS_QSPARSE_NO_VBMI2") || test_cpu_lacks("avx512vbmi2")) return false;
@@ -658,19 +918,6 @@ bool use_vnni() {
   return ok;
 }
 
-constexpr int64_t kActBlock = 64;  // entries of the reduction axis per activation scale
-
-// 64-byte aligned scratch (a few KiB per call).
-template <class T>
-struct Scratch {
-  std::unique_ptr<T[], void (*)(T*)> p{nullptr, [](T* x) { ::operator delete[](x, std::align_val_t(64)); }};
-  explicit Scratch(size_t n) {
-    p.reset(static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64))));
-    std::memset(p.get(), 0, std::max<size_t>(n, 1) * sizeof(T));
-  }
-  T* get() const { return p.get(); }
-};
-
 // max |x[0..n)| for n % 16 == 0
 FIPS_VNNI inline float absmax16(const float* x, int64_t n) {
   __m512 m = _mm512_setzero_ps();
@@ -678,9 +925,6 @@ FIPS_VNNI inline float absmax16(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
-// transB = 1: the activation rows quantized per kActBlockNT columns (the last block 64 wide when
-// cols % 128 == 64): one int32 -> float conversion per two 64-column steps.
-constexpr int64_t kActBlockNT = 128;
 struct ActNT {
   int64_t T, cols, nblk;
   Scratch<int8_t> q;     // [T][cols]
@@ -922,44 +1166,6 @@ FIPS_VNNI void vnni_unpermute(const float* P, int64_t cols, float* out, bool add
   }
 }
 
-// Work per task of the quantized-activation kernels: at least this many 64-column steps (below it the
-// thread hand-off costs more than it saves; FIPS_QSPARSE_ACT8_TASK_STEPS overrides, for measurements).
-int64_t act8_task_steps() {
-  static const int64_t n = [] {
-    const char* e = std::getenv("FIPS_QSPARSE_ACT8_TASK_STEPS");
-    return e && e[0] ? std::max<int64_t>(1, std::strtoll(e, nullptr, 10)) : int64_t(kAct8TaskSteps);
-  }();
-  return n;
-}
-
-// Non-empty rows in [r0, r1).
-int64_t live_rows(const MaskTables& t, int64_t r0, int64_t r1) {
-  int64_t n = 0;
-  for (int64_t r = r0; r < r1; ++r) n += t.row_off[r + 1] != t.row_off[r];
-  return n;
-}
-
-// Tasks of a call: its steps (T x non-empty rows x cols / 64) over act8_task_steps(), in [1, cap].
-int64_t act8_tasks(const MaskTables& t, int64_t T, int64_t cap) {
-  const int64_t steps = T * live_rows(t, 0, t.rows) * (t.cols / 64);
-  return std::max<int64_t>(1, std::min<int64_t>(cap, steps / act8_task_steps()));
-}
-
-// Row boundaries of `parts` slices with about the same number of non-empty rows (the work of the
-// VNNI kernels, see kAct8TaskSteps), each boundary a multiple of `align`. Depends only on the mask.
-std::vector<int64_t> live_row_bounds(const MaskTables& t, int64_t parts, int64_t align) {
-  std::vector<int64_t> b(static_cast<size_t>(parts) + 1, t.rows);
-  b[0] = 0;
-  const int64_t live = live_rows(t, 0, t.rows);
-  int64_t seen = 0, r = 0;
-  for (int64_t k = 1; k < parts; ++k) {
-    const int64_t target = live * k / parts;
-    while (r < t.rows && seen < target) seen += t.row_off[r + 1] != t.row_off[r], ++r;
-    b[k] = std::max(b[k - 1], std::min(t.rows, (r + align / 2) / align * align));
-  }
-  return b;
-}
-
 void qnn_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const TaskRunner& runner) {
   const MaskTables& t = *Q.t;
   const int64_t cols = t.cols;
@@ -1008,9 +1214,7 @@ void qnt_vnni(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const
 }
 
 // The quantized-activation kernels apply (else the exact kernels run).
-bool act8_applies(const QSparseMatrix& Q) {
-  return Q.act_bits == 8 && Q.bits == 8 && Q.group_size == 0 && Q.t->cols % kActBlock == 0 && use_vnni();
-}
+bool act8_applies(const QSparseMatrix& Q) { return act8_layout(Q) && use_vnni(); }
 #endif  // FIPS_HAVE_AVX512
 
 // Rows [r0, r1) of V, TT tokens (TT <= 4), into P [TT, cols] (overwritten): transB = 0.
@@ -1157,6 +1361,7 @@ void qnt_simd(const QSparseMatrix& Q, const float* A, int64_t T, float* Y, const
 #if FIPS_HAVE_AVX512
   if (act8_applies(Q)) return qnt_vnni(Q, A, T, Y, runner);
 #endif
+  if (act8_layout(Q)) return qnt_act8_avx2(Q, A, T, Y, runner);
   const MaskTables& t = *Q.t;
   const int64_t rows = t.rows, cols = t.cols;
   const int64_t fast = fast_rows(Q);
