@@ -49,7 +49,10 @@ def test_quantized_export_runs_close_to_fp32(kind, weights):
     inits = {t.name for t in proto.graph.initializer}
     float_products = [n.input[1] for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
     assert float_products == [] and ops["Gemm"] == 0  # no float weight product left
-    assert ops["QSparseMatMul"] == (3 * LAYERS if kind == "fips" else 0) and ops["SparseMatMul"] == 0
+    # int8 per-row V with int8 activations: gate and up fused into one node per layer (exporter.layers._fused_gate_up)
+    fused = kind == "fips" and weights == "int8"
+    assert ops["QSparseMatMul"] == ((2 if fused else 3) * LAYERS if kind == "fips" else 0) and ops["SparseMatMul"] == 0
+    assert ops["Split"] == (LAYERS if fused else 0)
     assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
     bits = {8: "int8", 4: "int4"}
     for n in proto.graph.node:
@@ -275,12 +278,13 @@ def _qsparse_attrs(folder):
 
 def test_int8_act8_gate_up_factors_are_stored_transposed():
     """--weights int8 at accuracy_level 4 (activation_bits 8): the r -> d_ff factors (gate/up) are written as Vᵀ
-    [d_ff, r] behind transB = 1 (the VNNI dot-product kernel), down as before; at accuracy_level 1 (exact float
-    activations) and for int4 they keep V [r, d_ff] and transB = 0. Both layouts compute the same product."""
+    [d_ff, r] behind transB = 1 (the VNNI dot-product kernel), gate and up stacked in one node, down as before;
+    at accuracy_level 1 (exact float activations) and for int4 they keep V [r, d_ff] and transB = 0. Both
+    layouts compute the same product."""
     nodes = _qsparse_attrs(tiny_lm_dir("fips", weights="int8"))
-    assert len(nodes) == 3 * LAYERS and all(a["transB"] == 1 and a["activation_bits"] == 8 for _, a in nodes)
-    gate_up = [a for name, a in nodes if ".gate_proj." in name or ".up_proj." in name]
-    assert len(gate_up) == 2 * LAYERS and all((a["rows"], a["cols"]) == (128, 64) for a in gate_up)
+    assert len(nodes) == 2 * LAYERS and all(a["transB"] == 1 and a["activation_bits"] == 8 for _, a in nodes)
+    gate_up = [a for name, a in nodes if ".gate_up_proj." in name]
+    assert len(gate_up) == LAYERS and all((a["rows"], a["cols"]) == (2 * 128, 64) for a in gate_up)
     for kw in ({"weights": "int8", "accuracy_level": 1}, {"weights": "int4"}):
         nodes = _qsparse_attrs(tiny_lm_dir("fips", **kw))
         layout = {(".down_proj." in name, a["transB"], a["rows"], a["cols"]) for name, a in nodes}
@@ -298,3 +302,23 @@ def test_int8_act8_gate_up_factors_are_stored_transposed():
 def test_stores_transposed_rule(bits, group, act, rank, want):
     from fips_rt.exporter.sparse_op import stores_transposed
     assert stores_transposed(bits, group, act, rank) is want
+
+
+@pytest.mark.parametrize("kernel", ["native", "reference"])
+def test_fused_gate_up_is_the_same_function(tmp_path, monkeypatch, kernel):
+    """One QSparseMatMul over [Vᵀ_gate; Vᵀ_up] + Split gives the logits of two nodes: per-row scales quantize
+    each row alike in both forms, and the kernel quantizes the shared activation t once either way."""
+    import fips_rt.exporter.layers as L
+    from fips_rt.exporter import export
+    from fips_rt.runtime import Model
+    from test_runtime_helpers import _tiny_fips
+    export(_tiny_fips(), str(tmp_path / "fused" / "model.onnx"), weights="int8")
+    monkeypatch.setattr(L, "_fused_gate_up", lambda *a, **k: None)
+    export(_tiny_fips(), str(tmp_path / "apart" / "model.onnx"), weights="int8")
+    assert _ops(tmp_path / "fused")[1]["QSparseMatMul"] == 2 * LAYERS
+    assert _ops(tmp_path / "apart")[1]["QSparseMatMul"] == 3 * LAYERS
+    got = [np.asarray(Model.load(tmp_path / f, threads=1, kernel=kernel).sequence_logits(PROMPT), np.float64)
+           for f in ("fused", "apart")]
+    np.testing.assert_allclose(got[0], got[1], rtol=0, atol=1e-5 * np.abs(got[1]).max())
+    sizes = [sum(p.stat().st_size for p in (tmp_path / f).iterdir()) for f in ("fused", "apart")]
+    assert abs(sizes[0] - sizes[1]) < 4096  # the same codes, scales and mask bits, stored once
