@@ -245,7 +245,8 @@ def _fused_gate_up(b: GraphBuilder, mlp, x: str, path: str) -> tuple[str, str] |
     and a ``Split``, when both are r -> d_ff factors on one basis stored as Vᵀ (``stores_transposed``).
     Per-row scales make the codes and scales those of the two factors quantized apart: the same function,
     with one activation quantization and one kernel call per layer instead of two (decode runs 90
-    QSparseMatMul nodes a token on SmolLM2 unfused, 60 fused). None where the rule does not apply."""
+    QSparseMatMul nodes a token on the SmolLM2 demo unfused, 62 fused: its last group has r = 542). None
+    where the rule does not apply."""
     gate, up = mlp.gate_proj, mlp.up_proj
     if not (b.sparse_bits and isinstance(gate, FipsLinear) and isinstance(up, FipsLinear)
             and gate.basis is up.basis and gate.orientation == up.orientation == "in"
@@ -255,10 +256,13 @@ def _fused_gate_up(b: GraphBuilder, mlp, x: str, path: str) -> tuple[str, str] |
 
     from .sparse_op import DEFAULT_GROUP_SIZE, quantize_sparse, stores_transposed
     group = DEFAULT_GROUP_SIZE[b.sparse_bits] if b.sparse_group_size is None else b.sparse_group_size
-    vg, mg, r, d_ff = _packed(b, gate)
-    vu, mu, r_u, d_ff_u = _packed(b, up)
-    if (r, d_ff) != (r_u, d_ff_u) or not stores_transposed(b.sparse_bits, group, b.sparse_activation_bits, r):
-        return None
+    keep = _keep(b, gate.basis)
+    r = gate.V.shape[0] if keep is None else len(keep)  # the used rank, as _packed trims it
+    d_ff = gate.V.shape[1]
+    if tuple(up.V.shape) != tuple(gate.V.shape) or not stores_transposed(b.sparse_bits, group,
+                                                                          b.sparse_activation_bits, r):
+        return None  # (checked before packing: the fallback packs each factor itself)
+    (vg, mg, *_), (vu, mu, *_) = _packed(b, gate), _packed(b, up)
     dense = np.concatenate([unpack(np.asarray(v, np.float32), k, (r, d_ff)).T for v, k in ((vg, mg), (vu, mu))])
     keep = np.concatenate([unpack_mask(k, (r, d_ff)).T for k in (mg, mu)])
     values, mask = pack(np.ascontiguousarray(dense), np.ascontiguousarray(keep))

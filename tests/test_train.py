@@ -6,6 +6,7 @@ from commit 1017725, the last before the refactor), both run with CPU-independen
 (tests/fixtures/train_stages.py)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -193,6 +194,7 @@ def test_state_file_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, p
 
 
 # ----------------------------------------------------------------------------- regression of every stage
+@functools.cache
 def _train_stages():
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_stages", FIXTURE.with_name("train_stages.py"))
@@ -201,13 +203,18 @@ def _train_stages():
     return mod
 
 
+@functools.cache
+def _pinned() -> dict:
+    """The scenarios under the pinned numerics, run once for the module (a fresh interpreter, ~6 s)."""
+    return _train_stages().run_pinned()
+
+
 def test_every_stage_reproduces_the_losses_of_the_loops_it_replaced():
     """Run in a fresh interpreter with CPU-independent numerics (tests/fixtures/train_stages.py says how and
     why); the reference is what the replaced loops gave under the same settings. The tolerance covers the
     refactor's own last-bit drift in DeltaLLM (1.6e-5 relative), not another CPU."""
-    stages = _train_stages()
     ref = json.loads(FIXTURE.read_text())["cases"]
-    got = stages.run_pinned()
+    got = _pinned()
     assert set(got) == set(ref)
     for k, case in got.items():
         assert case["losses"] == pytest.approx(ref[k]["losses"], rel=1e-4, abs=1e-9), k
@@ -218,5 +225,4 @@ def test_every_stage_reproduces_the_losses_of_the_loops_it_replaced():
 def test_pinned_numerics_do_not_follow_the_instruction_set():
     """What makes the regression check portable: under the pinned settings, the instruction set MKL may use
     (an AVX2-only CPU caps it at AVX2) no longer changes a single bit of any stage."""
-    stages = _train_stages()
-    assert stages.run_pinned(extra_env={"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == stages.run_pinned()
+    assert _train_stages().run_pinned(extra_env={"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == _pinned()
